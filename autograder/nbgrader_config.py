@@ -1,0 +1,45 @@
+"""nbgrader configuration for PEFT Lab.
+
+The course root is the repository: instructors edit `solutions/` (nbgrader's source folder) and
+`autograder/release.py` generates `course/` (the release folder) from it. Student submissions,
+autograded copies, feedback and the gradebook live under `autograder/` and are never committed.
+
+nbgrader reads this file through the `nbgrader_config.py` at the repository root, so every nbgrader
+command and the formgrader must be run from there. `PEFTLAB_COURSE_ROOT` moves the whole course
+elsewhere (the tests grade in a temporary copy this way).
+"""
+
+import os
+from pathlib import Path
+
+c = get_config()  # noqa: F821 (provided by traitlets when it loads this file)
+
+root = Path(os.environ.get("PEFTLAB_COURSE_ROOT") or Path(__file__).resolve().parent.parent)
+
+c.CourseDirectory.course_id = "peft-lab"
+c.CourseDirectory.root = str(root)
+c.CourseDirectory.source_directory = "solutions"
+c.CourseDirectory.release_directory = "course"
+c.CourseDirectory.submitted_directory = "autograder/submitted"
+c.CourseDirectory.autograded_directory = "autograder/autograded"
+c.CourseDirectory.feedback_directory = "autograder/feedback"
+# An absolute URL: nbgrader resolves a relative sqlite path against the current directory.
+c.CourseDirectory.db_url = f"sqlite:///{root / 'autograder' / 'gradebook.db'}"
+# Only notebooks and the files they need are released; never caches or checkpoints.
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*"]
+
+# The stub students see in place of each solution; every graded test then fails until they work.
+c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
+c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
+
+# Per-cell limit while autograding (nbgrader's own setting; ExecutePreprocessor.timeout is ignored).
+c.Execute.timeout = 120
+c.Execute.interrupt_on_timeout = True
+
+# Feedback returned to students must not reveal the source of hidden tests.
+from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
+from nbgrader.preprocessors import ClearHiddenTests, GetGrades  # noqa: E402
+
+c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, CSSHTMLHeaderPreprocessor]
+
+c.Exchange.root = str(root / "autograder" / "exchange")

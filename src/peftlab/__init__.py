@@ -1,0 +1,14 @@
+"""Helpers for the PEFT Lab notebooks.
+
+What lives here: the tiny test-model factory and the SmolLM2 loader (`peftlab.models`), the course
+task (`peftlab.task`), widgets and plots that take the student's own functions as arguments
+(`peftlab.widgets`, `peftlab.plots`), and environment reporting (`peftlab.env`).
+
+What does not: any solution to a graded exercise. The notebooks are where students write those.
+"""
+
+from peftlab.env import in_colab, print_versions
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "in_colab", "print_versions"]

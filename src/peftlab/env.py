@@ -1,0 +1,58 @@
+"""Where the notebook runs: versions, Colab detection, available accelerators."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+# The distributions a learner (or an instructor reading a bug report) wants to see first.
+REPORTED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "numpy",
+    "matplotlib",
+    "ipywidgets",
+    "peftlab",
+)
+
+
+def in_colab() -> bool:
+    """True inside Google Colab (its runtime module is imported before any user code runs)."""
+    return "google.colab" in sys.modules
+
+
+def package_versions(names=REPORTED_PACKAGES) -> dict[str, str | None]:
+    """Installed version of each distribution, or None when it is not installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_summary() -> str:
+    """One line on the accelerator torch sees, or that it runs on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        bf16 = "bf16 yes" if torch.cuda.is_bf16_supported() else "bf16 no"
+        return f"CUDA: {props.name}, {props.total_memory / 1e9:.1f} GB, {bf16}"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "Apple MPS"
+    return f"CPU only ({torch.get_num_threads()} threads)"
+
+
+def print_versions() -> None:
+    """Print Python, the course's packages and the device, so a bug report has them."""
+    where = "Google Colab" if in_colab() else platform.platform(terse=True)
+    print(f"Python {platform.python_version()} on {where}")
+    for name, version in package_versions().items():
+        print(f"  {name:<13} {version or 'not installed'}")
+    print(f"  device        {device_summary()}")

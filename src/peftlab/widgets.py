@@ -1,0 +1,140 @@
+"""Interactive calculators. Each takes the student's own functions as arguments, so what a student
+sees moving is their code at work (and a wrong function shows up as a wrong chart)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from peftlab.plots import GB, stacked_memory_bars
+
+# Marketed memory in decimal GB; the usable part is a little less (the CUDA context takes ~0.5 GB).
+GPUS = {
+    "T4 (16 GB)": 16,
+    "RTX 4090 (24 GB)": 24,
+    "A100 40 GB": 40,
+    "A100 80 GB": 80,
+    "H100 80 GB": 80,
+    "H200 (141 GB)": 141,
+}
+
+# Bytes per parameter for the weight, its gradient and its optimizer state (Adam keeps two moments).
+PRECISIONS = {
+    "mixed bf16 + fp32 master copy, Adam (16 B)": dict(weight_bytes=2, grad_bytes=2, optimizer_bytes=12),
+    "fp32 everything, Adam (16 B)": dict(weight_bytes=4, grad_bytes=4, optimizer_bytes=8),
+    "bf16 weights, fp32 Adam moments (12 B)": dict(weight_bytes=2, grad_bytes=2, optimizer_bytes=8),
+    "bf16 weights, 8-bit Adam (6 B)": dict(weight_bytes=2, grad_bytes=2, optimizer_bytes=2),
+}
+
+# NF4 with double quantization: 4 bits per weight plus about 0.127 bits of block constants
+# (Dettmers et al., 2023, QLoRA, section 3). Notebook 05 derives this figure.
+NF4_DOUBLE_QUANT_BYTES = 4.127 / 8
+
+METHODS = ("full fine-tuning", "LoRA", "QLoRA")
+
+MODEL_SIZES = {
+    "SmolLM2-135M": 134_515_008,
+    "1B": 1e9,
+    "3B": 3e9,
+    "7B": 7e9,
+    "8B": 8e9,
+    "13B": 13e9,
+    "34B": 34e9,
+    "70B": 70e9,
+    "175B (GPT-3)": 175e9,
+}
+
+
+def memory_breakdown(memory_fn: Callable, n_params: float, method: str, precision: str,
+                     adapter_share: float = 0.005) -> dict[str, float]:
+    """Bytes of weights, gradients and optimizer state, each computed with ``memory_fn``.
+
+    ``memory_fn`` has the signature of notebook 01's ``training_memory_bytes``. For LoRA and QLoRA
+    the frozen base keeps only its weights (bf16 or NF4) and ``adapter_share`` of the model's size
+    is added as trainable adapter parameters.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    sizes = PRECISIONS[precision]
+    wb, gb, ob = sizes["weight_bytes"], sizes["grad_bytes"], sizes["optimizer_bytes"]
+    if method == "full fine-tuning":
+        base_bytes, n_trainable, n_adapter = wb, n_params, 0
+    else:
+        base_bytes = wb if method == "LoRA" else NF4_DOUBLE_QUANT_BYTES
+        n_trainable = n_adapter = round(n_params * adapter_share)
+    n_base = round(n_params)
+
+    def only(n, weight=0, grad=0, opt=0):
+        return memory_fn(n, n_trainable=n if (grad or opt) else 0, weight_bytes=weight,
+                         grad_bytes=grad, optimizer_bytes=opt)
+
+    return {
+        "weights": only(n_base, weight=base_bytes) + only(n_adapter, weight=wb),
+        "gradients": only(n_trainable, grad=gb),
+        "optimizer state": only(n_trainable, opt=ob),
+    }
+
+
+def fit_verdict(total_bytes: float, gpu_gb: float) -> str:
+    """A one-line verdict for ``total_bytes`` of training state on one GPU of ``gpu_gb`` GB."""
+    total_gb = total_bytes / GB
+    if total_gb > gpu_gb:
+        gpus = math.ceil(total_gb / gpu_gb)
+        return (f"Does not fit: {total_gb:,.1f} GB needed on a {gpu_gb:g} GB GPU "
+                f"(at least {gpus} such GPUs with the state sharded across them, before activations).")
+    left = gpu_gb - total_gb
+    if left < 0.1 * gpu_gb:
+        return (f"Only just: {total_gb:,.1f} GB of {gpu_gb:g} GB, leaving {left:,.1f} GB for "
+                "activations and the CUDA context; expect out-of-memory errors.")
+    return f"Fits: {total_gb:,.1f} GB of {gpu_gb:g} GB, leaving {left:,.1f} GB for activations."
+
+
+def will_it_fit(memory_fn: Callable):
+    """The "Will it fit?" calculator: model, precision, method and GPU -> stacked bar and verdict."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    style = {"description_width": "110px"}
+    layout = widgets.Layout(width="480px")
+    model = widgets.Dropdown(options=list(MODEL_SIZES), value="7B", description="Model size",
+                             style=style, layout=layout)
+    precision = widgets.Dropdown(options=list(PRECISIONS), description="Precision", style=style,
+                                 layout=layout)
+    method = widgets.ToggleButtons(options=METHODS, description="Method", style=style)
+    share = widgets.FloatLogSlider(value=0.5, base=10, min=-2, max=1, step=0.1,
+                                   description="Adapter % ", readout_format=".2f", style=style,
+                                   layout=layout)
+    gpu = widgets.Dropdown(options=list(GPUS), value="A100 80 GB", description="GPU", style=style,
+                           layout=layout)
+    verdict = widgets.HTML()
+    plot = widgets.Output()
+
+    def update(*_):
+        share.disabled = method.value == "full fine-tuning"
+        try:
+            parts = memory_breakdown(memory_fn, MODEL_SIZES[model.value], method.value,
+                                     precision.value, share.value / 100)
+        except NotImplementedError:
+            verdict.value = "<b>Implement <code>training_memory_bytes</code> above first.</b>"
+            return
+        total = sum(parts.values())
+        detail = ", ".join(f"{k} {v / GB:,.2f} GB" for k, v in parts.items())
+        verdict.value = (f"<b>{fit_verdict(total, GPUS[gpu.value])}</b><br>"
+                         f"<span style='font-size:90%'>{detail}</span>")
+        with plot:
+            plot.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(7, 1.9))
+            stacked_memory_bars(ax, [f"{model.value}, {method.value}"], [parts],
+                                {gpu.value: GPUS[gpu.value]}, horizontal=True)
+            ax.set_xlim(0, max(total / GB, GPUS[gpu.value]) * 1.08)
+            fig.tight_layout()
+            plt.show()
+
+    for control in (model, precision, method, share, gpu):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([model, precision, method, share, gpu, verdict, plot])
+    box.add_class("peftlab-will-it-fit")
+    display(box)
+    return box

@@ -1,0 +1,110 @@
+"""Reading and running course notebooks in tests: find cells by nbgrader grade_id, execute notebooks in
+a real kernel, or run their graded path in-process (fast, for trying many student mistakes)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = ROOT / "solutions"
+COURSE = ROOT / "course"
+
+
+def notebooks(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+
+
+def nbgrader_meta(cell) -> dict:
+    return cell.get("metadata", {}).get("nbgrader", {})
+
+
+def is_test_cell(cell) -> bool:
+    """An autograded test cell: graded, not a solution, code."""
+    meta = nbgrader_meta(cell)
+    return cell["cell_type"] == "code" and meta.get("grade") and not meta.get("solution")
+
+
+def test_cells(nb) -> dict[str, dict]:
+    return {nbgrader_meta(c)["grade_id"]: c for c in nb.cells if is_test_cell(c)}
+
+
+def execute(path: Path, timeout: int = 600, allow_errors: bool = False):
+    """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder."""
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    return nb
+
+
+def cell_errors(cell) -> list[str]:
+    return [f"{o['ename']}: {o['evalue']}" for o in cell.get("outputs", []) if o["output_type"] == "error"]
+
+
+def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo",)) -> dict[str, BaseException | None]:
+    """Run a notebook's code cells in-process, in order, and report each test cell's outcome.
+
+    ``replace`` maps a solution cell's grade_id to other source (a student's mistake). Cells tagged
+    ``demo`` (real-model demonstrations) are skipped: graded tests never depend on them.
+    Returns grade_id -> the exception a test cell raised, or None when it passed.
+    """
+    replace = dict(replace or {})
+    namespace: dict = {"__name__": "__main__"}
+    outcomes: dict[str, BaseException | None] = {}
+    for cell in nb.cells:
+        if cell["cell_type"] != "code" or set(skip_tags) & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        grade_id = nbgrader_meta(cell).get("grade_id")
+        source = replace.pop(grade_id, cell["source"]) if grade_id else cell["source"]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                exec(compile(source, f"<cell {grade_id or cell.get('id')}>", "exec"), namespace)
+        except Exception as exc:  # noqa: BLE001 - every failure is an outcome to report
+            if not is_test_cell(cell):
+                raise RuntimeError(f"non-test cell {grade_id or cell.get('id')} failed: {exc!r}") from exc
+            outcomes[grade_id] = exc
+        else:
+            if is_test_cell(cell):
+                outcomes[grade_id] = None
+    if replace:
+        raise KeyError(f"no solution cells named {sorted(replace)}")
+    return outcomes
+
+
+def isolated_env(home: Path, cache: Path) -> dict[str, str]:
+    """Environment variables that keep kernels and tools out of the real home and offline."""
+    return {
+        "HOME": str(home),
+        "IPYTHONDIR": str(home / ".ipython"),
+        "JUPYTER_CONFIG_DIR": str(home / ".jupyter"),
+        "JUPYTER_DATA_DIR": str(home / ".local" / "share" / "jupyter"),
+        "JUPYTER_RUNTIME_DIR": str(home / ".local" / "share" / "jupyter" / "runtime"),
+        "MPLCONFIGDIR": str(home / ".matplotlib"),
+        "MPLBACKEND": "Agg",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(home / ".cache" / "huggingface"),
+        "PEFTLAB_CACHE": str(cache),
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+@contextlib.contextmanager
+def environ(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
