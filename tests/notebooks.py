@@ -29,8 +29,17 @@ def is_test_cell(cell) -> bool:
     return cell["cell_type"] == "code" and meta.get("grade") and not meta.get("solution")
 
 
-def test_cells(nb) -> dict[str, dict]:
+def graded_test_cells(nb) -> dict[str, dict]:
     return {nbgrader_meta(c)["grade_id"]: c for c in nb.cells if is_test_cell(c)}
+
+
+def hidden_test_lines(nb) -> list[str]:
+    """The non-empty lines between nbgrader's hidden-test markers in a solution notebook."""
+    lines = []
+    for cell in graded_test_cells(nb).values():
+        for block in cell.source.split("### BEGIN HIDDEN TESTS")[1:]:
+            lines += [line.strip() for line in block.split("### END HIDDEN TESTS")[0].splitlines() if line.strip()]
+    return lines
 
 
 def execute(path: Path, timeout: int = 600, allow_errors: bool = False):
@@ -73,6 +82,9 @@ def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo"
         else:
             if is_test_cell(cell):
                 outcomes[grade_id] = None
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     if replace:
         raise KeyError(f"no solution cells named {sorted(replace)}")
     return outcomes

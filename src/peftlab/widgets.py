@@ -130,6 +130,7 @@ def will_it_fit(memory_fn: Callable):
             ax.set_xlim(0, max(total / GB, GPUS[gpu.value]) * 1.08)
             fig.tight_layout()
             plt.show()
+            plt.close(fig)  # the inline backend has drawn it; don't keep every redraw in memory
 
     for control in (model, precision, method, share, gpu):
         control.observe(update, names="value")

@@ -1,0 +1,81 @@
+"""A real nbgrader round trip in a temporary course: release, submit, autograde, feedback, export.
+
+One student submits the instructor's solution, another the untouched release: the first must get
+every automatic point, the second none, and the feedback must not show hidden tests.
+"""
+
+import csv
+import shutil
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from notebooks import ROOT, SOLUTIONS, hidden_test_lines, notebooks
+
+ASSIGNMENTS = [p.parent.name for p in notebooks(SOLUTIONS)]
+
+
+def nbgrader(course, *args):
+    env = {**__import__("os").environ, "PEFTLAB_COURSE_ROOT": str(course)}
+    done = subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"nbgrader {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def graded_course(tmp_path_factory):
+    course = tmp_path_factory.mktemp("course-root")
+    shutil.copytree(SOLUTIONS, course / "solutions")
+    (course / "autograder").mkdir()
+    for assignment in ASSIGNMENTS:
+        nbgrader(course, "generate_assignment", assignment, "--force")
+        for student, source in (("alice", course / "solutions"), ("bob", course / "course")):
+            target = course / "autograder" / "submitted" / student / assignment
+            shutil.copytree(source / assignment, target)
+        nbgrader(course, "autograde", assignment, "--force")
+        nbgrader(course, "generate_feedback", assignment, "--force")
+    nbgrader(course, "export", "--to", str(course / "grades.csv"))
+    return course
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_solution_gets_full_automatic_points_and_release_gets_none(graded_course, assignment):
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{graded_course / 'autograder' / 'gradebook.db'}") as gb:
+        alice = gb.find_submission(assignment, "alice")
+        bob = gb.find_submission(assignment, "bob")
+        max_auto = sum(n.max_code_score for n in gb.find_assignment(assignment).notebooks)
+        assert max_auto > 0
+        assert alice.code_score == max_auto, f"solution scored {alice.code_score} of {max_auto}"
+        assert bob.code_score == 0, f"untouched release scored {bob.code_score}"
+        assert alice.needs_manual_grade, "the reflection awaits the instructor"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", ASSIGNMENTS)
+def test_feedback_is_produced_without_hidden_tests(graded_course, assignment):
+    solution = nbformat.read(next((SOLUTIONS / assignment).glob("*.ipynb")), as_version=4)
+    hidden_lines = hidden_test_lines(solution)
+    assert hidden_lines
+    for student in ("alice", "bob"):
+        pages = list((graded_course / "autograder" / "feedback" / student / assignment).glob("*.html"))
+        assert pages, f"no feedback for {student}"
+        html = pages[0].read_text()
+        assert "Test cell" in html or "grade" in html.lower()
+        leaked = [line for line in hidden_lines if len(line) > 25 and line in html]
+        assert not leaked, f"feedback for {student} shows hidden tests: {leaked[:3]}"
+
+
+@pytest.mark.slow
+def test_grades_csv_lists_every_submission(graded_course):
+    rows = list(csv.DictReader((graded_course / "grades.csv").open()))
+    assert {(r["assignment"], r["student_id"]) for r in rows} == {
+        (a, s) for a in ASSIGNMENTS for s in ("alice", "bob")}
+    for row in rows:
+        assert float(row["raw_score"]) == (0.0 if row["student_id"] == "bob" else float(row["raw_score"]))
+    assert all(float(r["raw_score"]) > 0 for r in rows if r["student_id"] == "alice")

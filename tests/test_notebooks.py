@@ -1,0 +1,85 @@
+"""The notebooks themselves: solutions pass, release stubs fail, course/ is generated, hygiene."""
+
+import json
+import sys
+
+import nbformat
+import pytest
+
+from notebooks import (COURSE, ROOT, SOLUTIONS, cell_errors, execute, is_test_cell, nbgrader_meta, notebooks,
+                       graded_test_cells)
+
+SOLUTION_NBS = notebooks(SOLUTIONS)
+RELEASE_NBS = notebooks(COURSE)
+ids = [p.parent.name for p in SOLUTION_NBS]
+
+
+def test_every_assignment_is_released():
+    assert SOLUTION_NBS, "no solution notebooks found"
+    assert [p.relative_to(SOLUTIONS) for p in SOLUTION_NBS] == [p.relative_to(COURSE) for p in RELEASE_NBS]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SOLUTION_NBS, ids=ids)
+def test_solution_runs_top_to_bottom_and_passes_every_test(path):
+    nb = execute(path)
+    for cell in nb.cells:
+        assert not cell_errors(cell), f"{nbgrader_meta(cell).get('grade_id') or cell.get('id')}: {cell_errors(cell)}"
+    assert graded_test_cells(nb), "a graded notebook needs graded test cells"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", RELEASE_NBS, ids=ids)
+def test_release_stubs_fail_every_graded_test(path):
+    nb = execute(path, allow_errors=True)
+    passing = [gid for gid, cell in graded_test_cells(nb).items() if not cell_errors(cell)]
+    assert not passing, f"graded tests that pass without the student's work: {passing}"
+
+
+@pytest.mark.slow
+def test_committed_course_is_generated_from_solutions():
+    sys.path.insert(0, str(ROOT / "autograder"))
+    import release
+
+    problems = release.check()
+    assert not problems, "\n".join(problems + ["run: python autograder/release.py"])
+
+
+@pytest.mark.parametrize("path", SOLUTION_NBS + RELEASE_NBS, ids=[str(p.relative_to(ROOT)) for p in SOLUTION_NBS + RELEASE_NBS])
+def test_notebook_hygiene(path):
+    raw = json.loads(path.read_text())
+    nb = nbformat.reads(path.read_text(), as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in raw["cells"] if c["cell_type"] == "code"]
+    assert not any(c["outputs"] or c["execution_count"] for c in code), "commit notebooks without outputs"
+    # The first code cell is the shared setup cell (versions; installs only in Colab).
+    first = nb.cells[[c.cell_type for c in nb.cells].index("code")]
+    setup = nbformat.read(SOLUTION_NBS[0], as_version=4).cells[1]
+    assert first.source == setup.source and first.get("id") == "setup"
+    assert 'if "google.colab" in sys.modules' in first.source and "peftlab.print_versions()" in first.source
+    for cell in nb.cells:
+        if is_test_cell(cell):
+            meta = nbgrader_meta(cell)
+            assert meta.get("points", 0) > 0, f"{meta['grade_id']} awards no points"
+            assert cell.source.startswith('"""'), f"{meta['grade_id']} should open with a one-line docstring"
+
+
+def test_setup_cell_installs_from_the_project_repository():
+    import tomllib
+
+    repo = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    setup = nbformat.read(SOLUTION_NBS[0], as_version=4).cells[1].source
+    assert f"peftlab @ git+{repo}" in setup
+    assert "torch" not in setup.split("pip")[1].split("]")[0], "Colab keeps its own torch"
+
+
+@pytest.mark.parametrize("path", SOLUTION_NBS, ids=ids)
+def test_hidden_tests_exist_and_are_stripped_from_the_release(path):
+    solution = nbformat.read(path, as_version=4)
+    release = nbformat.read(COURSE / path.relative_to(SOLUTIONS), as_version=4)
+    hidden = [gid for gid, c in graded_test_cells(solution).items() if "### BEGIN HIDDEN TESTS" in c.source]
+    assert hidden, "every notebook should have hidden tests"
+    for gid, cell in graded_test_cells(release).items():
+        assert "HIDDEN TESTS" not in cell.source, gid
+    for cell in release.cells:
+        assert "### BEGIN SOLUTION" not in cell.source
