@@ -201,3 +201,20 @@ def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
         raise RuntimeError(_MISSING_MESSAGE + f"(hub error: {exc})") from exc
     model.eval()
     return (model, tok) if tokenizer else model
+
+
+def main() -> None:
+    """``python -m peftlab.models``: make SmolLM2 ready offline (convert once) and say from where."""
+    import time
+
+    source = smollm2_source()
+    start = time.perf_counter()
+    model = load_smollm2(tokenizer=False)
+    n = sum(p.numel() for p in model.parameters())
+    where = cache_dir() / _CACHE_NAME if smollm2_source() == "cache" else SMOLLM2_HUB_ID
+    print(f"SmolLM2-135M-Instruct ready ({n:,} parameters) from {source} in "
+          f"{time.perf_counter() - start:.1f} s; now loads from {where}")
+
+
+if __name__ == "__main__":
+    main()

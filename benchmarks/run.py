@@ -1,0 +1,97 @@
+"""Benchmarks (not tests): notebook run time and peak memory, autograde time, optional install time.
+
+    .venv/bin/python benchmarks/run.py              # notebooks + autograde, ~1-2 minutes
+    .venv/bin/python benchmarks/run.py --install    # also time a fresh `scripts/setup.sh` (minutes)
+
+Prints a Markdown table. Each notebook runs in its own process and kernel with the SmolLM2 cache
+already converted (what a student sees after the first run); the one-off conversion is timed
+separately. Run on the course's reference machine (2 cores) for comparable figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+_EXECUTE = r"""
+import json, resource, sys, time
+import nbformat
+from nbclient import NotebookClient
+path = sys.argv[1]
+nb = nbformat.read(path, as_version=4)
+start = time.perf_counter()
+NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}}).execute()
+seconds = time.perf_counter() - start
+# The kernel was this process's child; its peak resident memory is reported once it has exited.
+peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps({"seconds": seconds, "kernel_peak_mb": peak_mb}))
+"""
+
+
+def isolated_env(home: Path, cache: Path) -> dict[str, str]:
+    return {**os.environ, "HOME": str(home), "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+            "PEFTLAB_CACHE": str(cache), "IPYTHONDIR": str(home / ".ipython"),
+            "JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "MPLCONFIGDIR": str(home / ".mpl"),
+            "PATH": os.pathsep.join([str(Path(PY).parent), os.environ.get("PATH", "")])}
+
+
+def timed(cmd, **kwargs) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--install", action="store_true", help="also time a fresh setup.sh")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        env = isolated_env(tmp / "home", tmp / "cache")
+        (tmp / "home").mkdir()
+        seconds = timed([PY, "-m", "peftlab.models"], env=env)
+        rows.append(("SmolLM2 one-off conversion (first run only)", f"{seconds:.1f} s", ""))
+
+        for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
+            done = subprocess.run([PY, "-c", _EXECUTE, str(path), str(path.parent)], env=env,
+                                  capture_output=True, text=True, check=True)
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append((f"notebook {path.parent.name}, top to bottom",
+                         f"{result['seconds']:.1f} s", f"{result['kernel_peak_mb']:,.0f} MB"))
+
+        course = tmp / "course-root"
+        shutil.copytree(ROOT / "solutions", course / "solutions")
+        (course / "autograder").mkdir()
+        genv = {**env, "PEFTLAB_COURSE_ROOT": str(course)}
+        for path in sorted((course / "solutions").glob("*/*.ipynb")):
+            name = path.parent.name
+            timed([PY, "-m", "nbgrader", "generate_assignment", name, "--force"], cwd=ROOT, env=genv)
+            shutil.copytree(path.parent, course / "autograder" / "submitted" / "student" / name)
+            seconds = timed([PY, "-m", "nbgrader", "autograde", name, "--force"], cwd=ROOT, env=genv)
+            rows.append((f"nbgrader autograde of one {name} submission", f"{seconds:.1f} s", ""))
+
+        if args.install:
+            clone = tmp / "clone"
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+            seconds = timed(["bash", "scripts/setup.sh"], cwd=clone, env={**os.environ, "HOME": str(tmp / "home")})
+            rows.append(("fresh install (scripts/setup.sh, pip cache empty)", f"{seconds:.0f} s", ""))
+
+    print(f"\nPEFT Lab benchmarks ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
+    print("| what | time | peak memory |\n|---|---:|---:|")
+    for what, seconds, memory in rows:
+        print(f"| {what} | {seconds} | {memory} |")
+
+
+if __name__ == "__main__":
+    main()
