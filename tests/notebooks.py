@@ -33,6 +33,14 @@ def graded_test_cells(nb) -> dict[str, dict]:
     return {nbgrader_meta(c)["grade_id"]: c for c in nb.cells if is_test_cell(c)}
 
 
+def solution_source(nb, grade_id: str) -> str:
+    """The source of the solution cell ``grade_id``."""
+    for cell in nb.cells:
+        if nbgrader_meta(cell).get("grade_id") == grade_id and nbgrader_meta(cell).get("solution"):
+            return cell["source"]
+    raise KeyError(f"no solution cell {grade_id}")
+
+
 def hidden_test_lines(nb) -> list[str]:
     """The non-empty lines between nbgrader's hidden-test markers in a solution notebook."""
     lines = []

@@ -7,7 +7,7 @@ in-process (demonstrations skipped); at least one of the named test cells must f
 import nbformat
 import pytest
 
-from notebooks import SOLUTIONS, run_graded_path
+from notebooks import SOLUTIONS, run_graded_path, solution_source
 
 NB = SOLUTIONS / "01_memory_math" / "01_memory_math.ipynb"
 
@@ -22,12 +22,8 @@ def test_solution_passes_the_graded_path(notebook):
     assert outcomes and all(v is None for v in outcomes.values()), outcomes
 
 
-def _solution_source(notebook, grade_id):
-    return next(c.source for c in notebook.cells if c.get("metadata", {}).get("nbgrader", {}).get("grade_id") == grade_id)
-
-
 def _mutate(notebook, grade_id, old, new):
-    source = _solution_source(notebook, grade_id)
+    source = solution_source(notebook, grade_id)
     assert old in source, f"mutation anchor not found: {old!r}"
     return {grade_id: source.replace(old, new)}
 

@@ -61,3 +61,45 @@ def test_widget_asks_for_the_function_before_it_exists():
 
     box = widgets.will_it_fit(stub)
     assert "Implement" in box.children[5].value
+
+
+def reference_lora_count(config, r, target_modules):
+    """LoRA parameters of a Llama config, counted by peft itself on the meta device."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.reference import meta_model, param_count
+
+    return param_count(get_peft_model(meta_model(config), LoraConfig(r=r, target_modules=list(target_modules))),
+                       trainable_only=True)
+
+
+def test_family_configs_give_the_published_sizes():
+    from peftlab.models import LLAMA_FAMILY, family_config
+    from peftlab.reference import meta_model, param_count
+
+    sizes = {name: param_count(meta_model(family_config(name))) for name in LLAMA_FAMILY}
+    assert sizes["SmolLM2-135M"] == 134_515_008
+    assert round(sizes["Llama-3.2-1B"] / 1e9, 2) == 1.24
+    assert round(sizes["Llama-3.1-8B"] / 1e9, 2) == 8.03
+    assert round(sizes["Llama-2-13B"] / 1e9, 1) == 13.0
+    assert round(sizes["Llama-3.1-70B"] / 1e9, 1) == 70.6
+
+
+def test_lora_summary_uses_the_given_count():
+    s = widgets.lora_summary(reference_lora_count, "SmolLM2-135M", 8, 16, ("q_proj", "v_proj"))
+    assert s["trainable"] == 460_800 and s["total"] == 134_515_008
+    assert s["share_percent"] == pytest.approx(100 * 460_800 / 134_515_008)
+    assert s["adapter_mb_fp32"] == pytest.approx(1.8432) and s["scaling"] == 2.0
+    assert s["rslora_scaling"] == pytest.approx(16 / 8 ** 0.5)
+
+
+def test_lora_explorer_follows_its_controls():
+    box = widgets.lora_explorer(reference_lora_count)
+    (controls, targets), report, _ = box.children[0].children, box.children[1], box.children[2]
+    model, rank, alpha = controls.children
+    model.value, rank.value = "SmolLM2-135M", 8
+    assert "<b>460,800 trainable parameters</b>" in report.value
+    targets.value = ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert "<b>921,600 trainable parameters</b>" in report.value  # STACK_NOTES: r=8 on q,k,v,o
+    rank.value = 16
+    assert "<b>1,843,200 trainable parameters</b>" in report.value

@@ -139,3 +139,87 @@ def will_it_fit(memory_fn: Callable):
     box.add_class("peftlab-will-it-fit")
     display(box)
     return box
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_summary(lora_count_fn: Callable, model_name: str, r: int, lora_alpha: float,
+                 target_modules) -> dict[str, float]:
+    """Trainable LoRA parameters (from the student's ``llama_lora_param_count``), share of the model
+    and adapter size, for a model of `peftlab.models.LLAMA_FAMILY`."""
+    from peftlab.models import family_config
+
+    config = family_config(model_name)
+    total = _model_total(model_name)
+    trainable = lora_count_fn(config, r, tuple(target_modules))
+    return {"total": total, "trainable": trainable, "share_percent": 100 * trainable / total,
+            "adapter_mb_fp32": trainable * 4 / 1e6, "adapter_mb_bf16": trainable * 2 / 1e6,
+            "model_gb_bf16": total * 2 / GB, "scaling": lora_alpha / r, "rslora_scaling": lora_alpha / r ** 0.5}
+
+
+_TOTALS: dict[str, int] = {}
+
+
+def _model_total(model_name: str) -> int:
+    if model_name not in _TOTALS:
+        from peftlab.models import family_config
+        from peftlab.reference import meta_model, param_count
+
+        _TOTALS[model_name] = param_count(meta_model(family_config(model_name)))
+    return _TOTALS[model_name]
+
+
+def lora_explorer(lora_count_fn: Callable):
+    """Rank, alpha, target modules and model size -> trainable parameters, share, adapter size."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from peftlab.models import LLAMA_FAMILY
+
+    style = {"description_width": "110px"}
+    model = widgets.Dropdown(options=list(LLAMA_FAMILY), value="Llama-3.1-8B", description="Model",
+                             style=style)
+    rank = widgets.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=16,
+                                   description="Rank r", style=style)
+    alpha = widgets.IntSlider(value=32, min=1, max=512, description="lora_alpha", style=style)
+    targets = widgets.SelectMultiple(options=LORA_TARGETS, value=("q_proj", "v_proj"), rows=7,
+                                     description="Targets", style=style)
+    report = widgets.HTML()
+    plot = widgets.Output()
+
+    def update(*_):
+        chosen = targets.value or ("q_proj",)
+        try:
+            s = lora_summary(lora_count_fn, model.value, rank.value, alpha.value, chosen)
+        except NotImplementedError:
+            report.value = "<b>Implement <code>llama_lora_param_count</code> above first.</b>"
+            return
+        report.value = (
+            f"<b>{s['trainable']:,} trainable parameters</b> = {s['share_percent']:.3f} % of "
+            f"{s['total']:,}<br>adapter file: {s['adapter_mb_fp32']:,.1f} MB in fp32, "
+            f"{s['adapter_mb_bf16']:,.1f} MB in bf16 (the model: {s['model_gb_bf16']:,.1f} GB in bf16)<br>"
+            f"scaling alpha/r = {s['scaling']:.3g} (rsLoRA alpha/sqrt(r) = {s['rslora_scaling']:.3g})")
+        ranks = rank.options
+        shares = [lora_summary(lora_count_fn, model.value, r, alpha.value, chosen)["share_percent"] for r in ranks]
+        with plot:
+            plot.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(6, 3))
+            ax.loglog(ranks, shares, marker="o")
+            ax.scatter([rank.value], [s["share_percent"]], s=120, zorder=3, color="C3", label=f"r = {rank.value}")
+            ax.set_xlabel("rank r")
+            ax.set_ylabel("trainable share of the model (%)")
+            ax.set_title(f"{model.value}, targets: {', '.join(chosen)}", fontsize=9)
+            ax.legend()
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)
+
+    for control in (model, rank, alpha, targets):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox([widgets.VBox([model, rank, alpha]), targets]), report, plot])
+    box.add_class("peftlab-lora-explorer")
+    display(box)
+    return box

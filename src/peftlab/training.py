@@ -1,0 +1,137 @@
+"""A small, plain training loop on the course task, shared by the notebooks' demonstrations.
+
+It trains whatever parameters have ``requires_grad`` set, so the same loop serves prompt tuning,
+prefix tuning, LoRA and QLoRA: the method is in the model, not in the loop. The loss covers the
+answer tokens only (prompt positions get the label -100), as in instruction tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from peftlab.task import Example
+
+IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and transformers) skip
+
+
+def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and labels that are -100 over the prompt."""
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels) into a batch with an attention mask."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(tokenizer, examples: Sequence[Example], batch_size: int, seed: int = 0):
+    """Endless shuffled batches (a new order every epoch, the same for the same seed)."""
+    encoded = [encode(tokenizer, e) for e in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(encoded)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    trainable_params: int = 0
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float = 1e-3,
+          batch_size: int = 16, seed: int = 0, loss_fn: Callable | None = None,
+          bf16: bool | None = None, progress: bool = True) -> TrainResult:
+    """Train the parameters of ``model`` that require gradients with AdamW for ``steps`` steps.
+
+    ``loss_fn(model, batch)`` returns the loss (default: ``model(**batch).loss``), which lets a
+    wrapper such as a soft-prompt module take the batch its own way. ``bf16`` runs the forward and
+    backward under bfloat16 autocast (default: on a CPU that supports it quickly, as on the course
+    machines; the trained parameters stay fp32).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter of the model requires a gradient")
+    device = next(model.parameters()).device
+    if bf16 is None:
+        bf16 = fast_bf16(device)
+    loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    result = TrainResult(trainable_params=sum(p.numel() for p in params))
+    stream = batches(tokenizer, examples, batch_size, seed)
+    bar = _progress(steps) if progress else None
+    was_training = model.training
+    with warnings.catch_warnings():
+        # transformers 5 warns about its own deprecated attribute when a model enters training mode
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model.train()
+    start = time.perf_counter()
+    try:
+        for _ in range(steps):
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+            with autocast:
+                loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(loss.item())
+            result.steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        result.seconds = time.perf_counter() - start
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    return result
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast speeds training up here: on GPUs that support it, and on CPUs with
+    native bf16 instructions (AVX512-BF16 or AMX); on other CPUs it is emulated and slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _progress(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm comes with transformers; this is only a fallback
+        return None
+    return tqdm(total=total, desc="training", leave=False)
