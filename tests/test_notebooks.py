@@ -26,6 +26,10 @@ def test_solution_runs_top_to_bottom_and_passes_every_test(path):
     for cell in nb.cells:
         assert not cell_errors(cell), f"{nbgrader_meta(cell).get('grade_id') or cell.get('id')}: {cell_errors(cell)}"
     assert graded_test_cells(nb), "a graded notebook needs graded test cells"
+    # nbgrader gives zero points to a test cell that writes anything to stderr (a library warning too).
+    for grade_id, cell in graded_test_cells(nb).items():
+        stderr = [o["text"] for o in cell.outputs if o["output_type"] == "stream" and o["name"] == "stderr"]
+        assert not stderr, f"{grade_id} writes to stderr, which nbgrader scores as a failure: {stderr}"
 
 
 @pytest.mark.slow

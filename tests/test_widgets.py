@@ -4,6 +4,7 @@ import pytest
 
 from peftlab import widgets
 from peftlab.plots import GB
+from peftlab.reference import peft_lora_count
 
 
 def reference_memory(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
@@ -63,14 +64,7 @@ def test_widget_asks_for_the_function_before_it_exists():
     assert "Implement" in box.children[5].value
 
 
-def reference_lora_count(config, r, target_modules):
-    """LoRA parameters of a Llama config, counted by peft itself on the meta device."""
-    from peft import LoraConfig, get_peft_model
-
-    from peftlab.reference import meta_model, param_count
-
-    return param_count(get_peft_model(meta_model(config), LoraConfig(r=r, target_modules=list(target_modules))),
-                       trainable_only=True)
+reference_lora_count = peft_lora_count  # what peft itself trains
 
 
 def test_family_configs_give_the_published_sizes():

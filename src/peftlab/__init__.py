@@ -7,7 +7,14 @@ task (`peftlab.task`), widgets and plots that take the student's own functions a
 What does not: any solution to a graded exercise. The notebooks are where students write those.
 """
 
+import warnings
+
 from peftlab.env import in_colab, print_versions
+
+# transformers 5 warns about its own deprecated attribute whenever peft or a training loop touches
+# it. Nothing a learner can act on, and nbgrader gives zero points to a test cell that writes to
+# stderr, so this one message is silenced for everyone who imports the course's helpers.
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 __version__ = "0.1.0"
 

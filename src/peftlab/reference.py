@@ -68,6 +68,14 @@ def peft_lora_model(model, target_modules, r: int, lora_alpha: float, seed: int 
     return wrapped
 
 
+def peft_lora_count(config, r: int, target_modules) -> int:
+    """Trainable parameters of ``peft.get_peft_model`` with LoRA on a Llama of ``config`` (meta device)."""
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(meta_model(config), LoraConfig(r=r, target_modules=list(target_modules)))
+    return param_count(wrapped, trainable_only=True)
+
+
 def lora_weights(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{module path in the original model: (lora_A weight, lora_B weight)}`` of a peft LoRA model."""
     found: dict[str, dict[str, torch.Tensor]] = {}

@@ -57,6 +57,11 @@ class Example:
         return format_prompt(self.text)
 
     @property
+    def bare_prompt(self) -> str:
+        """The prompt without the instruction line: for methods that learn their own instruction."""
+        return f"Date: {self.text}\nISO:"
+
+    @property
     def completion(self) -> str:
         """What a model should write after the prompt: a space, the answer, a newline."""
         return f" {self.target}\n"
@@ -112,8 +117,12 @@ def exact_match(predictions: Iterable[str], targets: Iterable[str]) -> float:
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 14,
-                     batch_size: int = 32) -> list[str]:
-    """Greedy completions of ``prompts`` (the generated text only), in batches with left padding."""
+                     batch_size: int = 32, generate_fn=None) -> list[str]:
+    """Greedy completions of ``prompts`` (the generated text only), in batches with left padding.
+
+    ``generate_fn(input_ids, attention_mask, max_new_tokens)`` replaces ``model.generate`` for
+    methods it cannot run (a soft prompt, a prefix); it returns the new token ids only.
+    """
     import torch
 
     if tokenizer.pad_token is None:
@@ -127,16 +136,21 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                               padding=True)
             batch = batch.to(model.device)
             with torch.no_grad():
-                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+                if generate_fn is None:
+                    generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                               pad_token_id=tokenizer.pad_token_id)
+                    new_tokens = generated[:, batch["input_ids"].shape[1]:]
+                else:
+                    new_tokens = generate_fn(batch["input_ids"], batch["attention_mask"], max_new_tokens)
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = padding_side
     return outputs
 
 
-def evaluate(model, tokenizer, examples: Sequence[Example], **kwargs) -> float:
-    """Exact-match accuracy of greedy generation on ``examples`` (0.0 to 1.0)."""
-    predictions = generate_answers(model, tokenizer, [e.prompt for e in examples], **kwargs)
+def evaluate(model, tokenizer, examples: Sequence[Example], bare: bool = False, **kwargs) -> float:
+    """Exact-match accuracy of greedy generation on ``examples`` (0.0 to 1.0); ``bare`` drops the
+    instruction line from the prompts (see `Example.bare_prompt`)."""
+    prompts = [e.bare_prompt if bare else e.prompt for e in examples]
+    predictions = generate_answers(model, tokenizer, prompts, **kwargs)
     return exact_match(predictions, [e.target for e in examples])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import random
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -21,9 +20,11 @@ from peftlab.task import Example
 IGNORE_INDEX = -100  # label value that PyTorch's cross-entropy (and transformers) skip
 
 
-def encode(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + completion, and labels that are -100 over the prompt."""
-    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+def encode(tokenizer, example: Example, bare: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion, and labels that are -100 over the prompt (``bare``: the
+    prompt without its instruction line)."""
+    text = example.bare_prompt if bare else example.prompt
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     answer = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
@@ -41,9 +42,9 @@ def collate(encoded: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(tokenizer, examples: Sequence[Example], batch_size: int, seed: int = 0):
+def batches(tokenizer, examples: Sequence[Example], batch_size: int, seed: int = 0, bare: bool = False):
     """Endless shuffled batches (a new order every epoch, the same for the same seed)."""
-    encoded = [encode(tokenizer, e) for e in examples]
+    encoded = [encode(tokenizer, e, bare) for e in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rng = random.Random(seed)
     while True:
@@ -67,13 +68,14 @@ class TrainResult:
 
 def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float = 1e-3,
           batch_size: int = 16, seed: int = 0, loss_fn: Callable | None = None,
-          bf16: bool | None = None, progress: bool = True) -> TrainResult:
+          bf16: bool | None = None, progress: bool = True, bare: bool = False) -> TrainResult:
     """Train the parameters of ``model`` that require gradients with AdamW for ``steps`` steps.
 
     ``loss_fn(model, batch)`` returns the loss (default: ``model(**batch).loss``), which lets a
     wrapper such as a soft-prompt module take the batch its own way. ``bf16`` runs the forward and
     backward under bfloat16 autocast (default: on a CPU that supports it quickly, as on the course
-    machines; the trained parameters stay fp32).
+    machines; the trained parameters stay fp32). ``bare`` trains on prompts without the
+    instruction line, for methods that learn their own.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -84,13 +86,10 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     result = TrainResult(trainable_params=sum(p.numel() for p in params))
-    stream = batches(tokenizer, examples, batch_size, seed)
+    stream = batches(tokenizer, examples, batch_size, seed, bare)
     bar = _progress(steps) if progress else None
     was_training = model.training
-    with warnings.catch_warnings():
-        # transformers 5 warns about its own deprecated attribute when a model enters training mode
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model.train()
+    model.train()
     start = time.perf_counter()
     try:
         for _ in range(steps):
