@@ -201,18 +201,30 @@ def smollm2_source() -> str:
     return "hub"
 
 
+def smollm2_path() -> str:
+    """A local folder with SmolLM2's weights and tokenizer (converting the GGUF file if needed), or
+    the hub id when neither is at hand: what `from_pretrained` (or peft's tokenizer_name_or_path) takes."""
+    folder = _cached_smollm2()
+    if folder is None and (gguf := smollm2_gguf_path()) is not None:
+        folder = _convert_gguf(gguf)
+    return str(folder) if folder is not None else SMOLLM2_HUB_ID
+
+
+def load_smollm2_tokenizer():
+    """SmolLM2's tokenizer alone (from the cache after the first conversion: well under a second)."""
+    return AutoTokenizer.from_pretrained(smollm2_path())
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct (``tokenizer=False``: the model alone).
 
     The weights went through the GGUF package's 4-bit Q4_1 format when loaded offline, so they are
     slightly lossy compared with the hub checkpoint; that does not matter for the course.
     """
-    folder = _cached_smollm2()
-    if folder is None and (gguf := smollm2_gguf_path()) is not None:
-        folder = _convert_gguf(gguf)
+    source = smollm2_path()
+    folder = None if source == SMOLLM2_HUB_ID else Path(source)
     if folder is None and not _hub_reachable():
         raise RuntimeError(_MISSING_MESSAGE + "(offline: the hub cannot be reached)")
-    source = str(folder) if folder is not None else SMOLLM2_HUB_ID
     try:
         with _quiet_progress(folder is not None):  # a one-second load needs no progress bar
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

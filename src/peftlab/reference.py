@@ -86,3 +86,54 @@ def lora_weights(peft_model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                 path = name[: -len(marker)].removeprefix("base_model.model.")
                 found.setdefault(path, {})[part] = p.detach()
     return {path: (w["lora_A"], w["lora_B"]) for path, w in found.items()}
+
+
+def peft_prompt_tuning(model, num_virtual_tokens: int, prompt: torch.Tensor | None = None, **config):
+    """peft's prompt tuning on a deep copy of ``model``; ``prompt`` (P x hidden) sets its vectors.
+    Extra keyword arguments go to ``PromptTuningConfig`` (e.g. the TEXT initialisation)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, **config))
+    if prompt is not None:
+        with torch.no_grad():
+            wrapped.prompt_encoder["default"].embedding.weight.copy_(prompt)
+    return wrapped
+
+
+def peft_prompt_vectors(peft_model) -> torch.Tensor:
+    """The (P x hidden) soft prompt of a peft prompt-tuning model."""
+    return peft_model.prompt_encoder["default"].embedding.weight.detach().clone()
+
+
+def peft_prefix_tuning(model, num_virtual_tokens: int, seed: int = 0):
+    """peft's prefix tuning (no projection) on a deep copy of ``model``, with seeded random prefixes."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    wrapped = get_peft_model(copy.deepcopy(model), PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped.prompt_encoder["default"].embedding.weight.normal_()
+    return wrapped
+
+
+def peft_prefixes(peft_model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer (keys, values) of a peft prefix-tuning model, each (P x kv_heads * head_dim).
+
+    peft stores one row per virtual token holding, for every layer in turn, the key then the value."""
+    config = peft_model.peft_config["default"]
+    weight = peft_model.prompt_encoder["default"].embedding.weight.detach()
+    layout = weight.view(config.num_virtual_tokens, config.num_layers * 2, config.token_dim)
+    keys = [layout[:, 2 * i].clone() for i in range(config.num_layers)]
+    values = [layout[:, 2 * i + 1].clone() for i in range(config.num_layers)]
+    return keys, values
+
+
+def peft_prefix_count(config, num_virtual_tokens: int) -> int:
+    """Trainable parameters of peft's prefix tuning on a Llama of ``config`` (meta device)."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    wrapped = get_peft_model(meta_model(config), PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                   num_virtual_tokens=num_virtual_tokens))
+    return param_count(wrapped, trainable_only=True)

@@ -134,3 +134,20 @@ def _progress(total: int):
     except ImportError:  # tqdm comes with transformers; this is only a fallback
         return None
     return tqdm(total=total, desc="training", leave=False)
+
+
+def soft_prompt_generate_fn(model, soft_prompt: torch.Tensor):
+    """A ``generate_fn`` for `peftlab.task.evaluate` that puts ``soft_prompt`` (P x hidden) in front of
+    every input, as prompt tuning does: greedy decoding from input embeddings."""
+
+    def generate(input_ids, attention_mask, max_new_tokens):
+        batch = input_ids.shape[0]
+        embeds = model.get_input_embeddings()(input_ids)
+        prompt = soft_prompt.detach().to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        mask = torch.cat([attention_mask.new_ones(batch, prompt.shape[1]), attention_mask], dim=1)
+        # Given only embeddings, generate returns just the new tokens.
+        return model.generate(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask,
+                              max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=model.config.eos_token_id)
+
+    return generate

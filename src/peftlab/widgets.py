@@ -223,3 +223,55 @@ def lora_explorer(lora_count_fn: Callable):
     box.add_class("peftlab-lora-explorer")
     display(box)
     return box
+
+
+def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable | None = None):
+    """Number of virtual tokens and model size -> trainable parameters and share of the model, for
+    prompt tuning (``prompt_count_fn(config, P)``) and, when given, prefix tuning (``prefix_count_fn``)."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from peftlab.models import LLAMA_FAMILY, family_config
+
+    style = {"description_width": "130px"}
+    model = widgets.Dropdown(options=list(LLAMA_FAMILY), value="SmolLM2-135M", description="Model", style=style)
+    tokens = widgets.IntSlider(value=16, min=1, max=256, description="Virtual tokens P", style=style)
+    report = widgets.HTML()
+    plot = widgets.Output()
+    methods = {"prompt tuning": prompt_count_fn}
+    if prefix_count_fn is not None:
+        methods["prefix tuning"] = prefix_count_fn
+
+    def update(*_):
+        config, total = family_config(model.value), _model_total(model.value)
+        try:
+            counts = {name: fn(config, tokens.value) for name, fn in methods.items()}
+        except NotImplementedError:
+            report.value = "<b>Implement the parameter count above first.</b>"
+            return
+        report.value = "<br>".join(
+            f"<b>{name}</b>: {n:,} trainable parameters = {100 * n / total:.5f} % of {total:,}"
+            f" ({n * 4 / 1e6:,.2f} MB in fp32)" for name, n in counts.items())
+        sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        with plot:
+            plot.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(6, 3))
+            for name, fn in methods.items():
+                ax.loglog(sizes, [100 * fn(config, p) / total for p in sizes], marker="o", label=name)
+                ax.scatter([tokens.value], [100 * counts[name] / total], s=100, zorder=3, color="C3")
+            ax.set_xlabel("virtual tokens P")
+            ax.set_ylabel("trainable share (%)")
+            ax.set_title(model.value, fontsize=9)
+            ax.legend()
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)
+
+    for control in (model, tokens):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([model, tokens, report, plot])
+    box.add_class("peftlab-virtual-tokens")
+    display(box)
+    return box
