@@ -15,6 +15,9 @@ from peftlab.env import in_colab, print_versions
 # it. Nothing a learner can act on, and nbgrader gives zero points to a test cell that writes to
 # stderr, so this one message is silenced for everyone who imports the course's helpers.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+# peft 0.21 still passes `past_key_values`, which transformers 5.24 renamed `cache`.
+warnings.filterwarnings("ignore", message=r".*`past_key_values`.*deprecated.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*Both `past_key_values` and `cache` are set.*", category=FutureWarning)
 
 __version__ = "0.1.0"
 

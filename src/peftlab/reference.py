@@ -101,6 +101,15 @@ def peft_prompt_tuning(model, num_virtual_tokens: int, prompt: torch.Tensor | No
     return wrapped
 
 
+def peft_prompt_count(config, num_virtual_tokens: int) -> int:
+    """Trainable parameters of peft's prompt tuning on a Llama of ``config`` (meta device)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    wrapped = get_peft_model(meta_model(config), PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                   num_virtual_tokens=num_virtual_tokens))
+    return param_count(wrapped, trainable_only=True)
+
+
 def peft_prompt_vectors(peft_model) -> torch.Tensor:
     """The (P x hidden) soft prompt of a peft prompt-tuning model."""
     return peft_model.prompt_encoder["default"].embedding.weight.detach().clone()
