@@ -128,3 +128,45 @@ def environ(**values):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = None):
+    """Pytest functions checking that a notebook's graded tests pass its solution, reject each mutant
+    (a plausible student mistake: ``name -> (grade_id, old, new, test ids of which one must fail)``)
+    and accept each correct variant (``name -> (grade_id, old, new)``).
+
+    Use: ``test_solution, test_mistake, test_variant = mutation_tests(NB, MUTANTS, VARIANTS)``.
+    """
+    import functools
+
+    import pytest
+
+    @functools.cache
+    def notebook():
+        return nbformat.read(path, as_version=4)
+
+    def swapped(grade_id, old, new):
+        source = solution_source(notebook(), grade_id)
+        assert old in source, f"mutation anchor not found in {grade_id}: {old!r}"
+        return run_graded_path(notebook(), {grade_id: source.replace(old, new)})
+
+    def summary(outcomes):
+        return {k: type(v).__name__ if v else "pass" for k, v in outcomes.items()}
+
+    def test_solution_passes_the_graded_path():
+        outcomes = run_graded_path(notebook())
+        assert outcomes and all(v is None for v in outcomes.values()), summary(outcomes)
+
+    @pytest.mark.parametrize("name", list(mutants))
+    def test_tests_reject_mistake(name):
+        grade_id, old, new, must_fail = mutants[name]
+        outcomes = swapped(grade_id, old, new)
+        assert any(outcomes.get(gid) is not None for gid in must_fail), f"no test caught '{name}': {summary(outcomes)}"
+
+    @pytest.mark.parametrize("name", list(correct_variants or {}))
+    def test_tests_accept_correct_variant(name):
+        outcomes = swapped(*correct_variants[name])
+        assert all(v is None for v in outcomes.values()), f"'{name}' is correct but fails: {summary(outcomes)}"
+
+    variants_test = test_tests_accept_correct_variant if correct_variants else None  # None: nothing to collect
+    return test_solution_passes_the_graded_path, test_tests_reject_mistake, variants_test

@@ -4,29 +4,9 @@ Each case swaps one solution cell for a wrong version and runs the notebook's gr
 in-process (demonstrations skipped); at least one of the named test cells must fail.
 """
 
-import nbformat
-import pytest
-
-from notebooks import SOLUTIONS, run_graded_path, solution_source
+from notebooks import SOLUTIONS, mutation_tests
 
 NB = SOLUTIONS / "01_memory_math" / "01_memory_math.ipynb"
-
-
-@pytest.fixture(scope="module")
-def notebook():
-    return nbformat.read(NB, as_version=4)
-
-
-def test_solution_passes_the_graded_path(notebook):
-    outcomes = run_graded_path(notebook)
-    assert outcomes and all(v is None for v in outcomes.values()), outcomes
-
-
-def _mutate(notebook, grade_id, old, new):
-    source = solution_source(notebook, grade_id)
-    assert old in source, f"mutation anchor not found: {old!r}"
-    return {grade_id: source.replace(old, new)}
-
 
 MEM = "training_memory_bytes"
 FLOPS = "training_flops"
@@ -71,9 +51,4 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MUTANTS))
-def test_tests_reject_mistake(notebook, name):
-    grade_id, old, new, must_fail = MUTANTS[name]
-    outcomes = run_graded_path(notebook, _mutate(notebook, grade_id, old, new))
-    failed = [gid for gid in must_fail if outcomes.get(gid) is not None]
-    assert failed, f"no test caught '{name}'; outcomes: { {k: type(v).__name__ if v else 'pass' for k, v in outcomes.items()} }"
+test_solution_passes_the_graded_path, test_tests_reject_mistake, test_tests_accept_correct_variant = mutation_tests(NB, MUTANTS)

@@ -1,22 +1,8 @@
 """Notebook 03's tests catch the mistakes students plausibly make with prefix tuning."""
 
-import nbformat
-import pytest
-
-from notebooks import SOLUTIONS, run_graded_path, solution_source
+from notebooks import SOLUTIONS, mutation_tests
 
 NB = SOLUTIONS / "03_prefix_tuning" / "03_prefix_tuning.ipynb"
-
-
-@pytest.fixture(scope="module")
-def notebook():
-    return nbformat.read(NB, as_version=4)
-
-
-def test_solution_passes_the_graded_path(notebook):
-    outcomes = run_graded_path(notebook)
-    assert outcomes and all(v is None for v in outcomes.values()), outcomes
-
 
 PT, GEN, COUNT = "prefix_tuning", "prefix_generate", "prefix_count"
 CORRECT_VARIANTS = {
@@ -59,20 +45,4 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MUTANTS))
-def test_tests_reject_mistake(notebook, name):
-    grade_id, old, new, must_fail = MUTANTS[name]
-    source = solution_source(notebook, grade_id)
-    assert old in source, f"mutation anchor not found: {old!r}"
-    outcomes = run_graded_path(notebook, {grade_id: source.replace(old, new)})
-    assert any(outcomes.get(gid) is not None for gid in must_fail), (
-        f"no test caught '{name}': { {k: type(v).__name__ if v else 'pass' for k, v in outcomes.items()} }")
-
-
-@pytest.mark.parametrize("name", list(CORRECT_VARIANTS))
-def test_tests_accept_correct_variant(notebook, name):
-    grade_id, old, new = CORRECT_VARIANTS[name]
-    source = solution_source(notebook, grade_id)
-    assert old in source
-    outcomes = run_graded_path(notebook, {grade_id: source.replace(old, new)})
-    assert all(v is None for v in outcomes.values()), outcomes
+test_solution_passes_the_graded_path, test_tests_reject_mistake, test_tests_accept_correct_variant = mutation_tests(NB, MUTANTS, CORRECT_VARIANTS)

@@ -1,22 +1,8 @@
 """Notebook 04's tests catch the mistakes students plausibly make with LoRA."""
 
-import nbformat
-import pytest
-
-from notebooks import SOLUTIONS, run_graded_path, solution_source
+from notebooks import SOLUTIONS, mutation_tests
 
 NB = SOLUTIONS / "04_lora" / "04_lora.ipynb"
-
-
-@pytest.fixture(scope="module")
-def notebook():
-    return nbformat.read(NB, as_version=4)
-
-
-def test_solution_passes_the_graded_path(notebook):
-    outcomes = run_graded_path(notebook)
-    assert outcomes and all(v is None for v in outcomes.values()), outcomes
-
 
 LIN, APPLY, COUNT = "lora_linear", "apply_lora", "lora_counts"
 MUTANTS = {
@@ -68,11 +54,4 @@ MUTANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MUTANTS))
-def test_tests_reject_mistake(notebook, name):
-    grade_id, old, new, must_fail = MUTANTS[name]
-    source = solution_source(notebook, grade_id)
-    assert old in source, f"mutation anchor not found: {old!r}"
-    outcomes = run_graded_path(notebook, {grade_id: source.replace(old, new)})
-    assert any(outcomes.get(gid) is not None for gid in must_fail), (
-        f"no test caught '{name}': { {k: type(v).__name__ if v else 'pass' for k, v in outcomes.items()} }")
+test_solution_passes_the_graded_path, test_tests_reject_mistake, test_tests_accept_correct_variant = mutation_tests(NB, MUTANTS)

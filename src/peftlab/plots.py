@@ -47,5 +47,8 @@ def stacked_memory_bars(ax, labels: Sequence[str], breakdowns: Sequence[Mapping[
     else:
         ax.set_xticks(list(positions), labels)
         ax.set_ylabel("memory (GB)")
-    ax.legend(loc="best", fontsize=8)
+    if horizontal:  # a single long bar: keep the legend off it
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    else:
+        ax.legend(loc="best", fontsize=8)
     return ax

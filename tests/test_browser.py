@@ -1,0 +1,251 @@
+"""The course in a real browser: JupyterLab on 127.0.0.1, driven by headless Chromium (Playwright).
+
+Each test works on a temporary copy of course/ and solutions/ (the Validate button saves notebooks,
+and course/ must never change). Widget tests run solved notebooks without their `demo` cells (the
+real-model demonstrations are measured elsewhere and would only make these tests slow).
+Screenshots go to $PEFTLAB_ARTIFACTS (default: .artifacts/browser in the repository), so a failing
+run leaves them for inspection. Without Chromium the tests skip; .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from notebooks import COURSE, ROOT, SOLUTIONS
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)"),
+]
+ARTIFACTS = Path(os.environ.get("PEFTLAB_ARTIFACTS") or ROOT / ".artifacts" / "browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _without_demos(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if "demo" not in c.get("metadata", {}).get("tags", [])]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server over a copy of the course; yields (base URL, token, course root)."""
+    root = tmp_path_factory.mktemp("lab-root")
+    shutil.copytree(COURSE, root / "course")
+    shutil.copytree(SOLUTIONS, root / "solutions")
+    for path in (root / "solutions").glob("*/*.ipynb"):
+        _without_demos(path)
+    (root / "autograder").mkdir()
+    (root / "nbgrader_config.py").write_text(
+        f"c = get_config()\nload_subconfig({str(ROOT / 'autograder' / 'nbgrader_config.py')!r})\n")
+    home = tmp_path_factory.mktemp("lab-home")
+    settings = home / "lab-settings"
+    # No news pop-up, no "what's new" notifications over the notebook.
+    (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True)
+    (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "HOME": str(home), "PEFTLAB_COURSE_ROOT": str(root),
+           "JUPYTERLAB_SETTINGS_DIR": str(settings), "JUPYTERLAB_WORKSPACES_DIR": str(home / "lab-workspaces"),
+           "JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "IPYTHONDIR": str(home / ".ipython"),
+           "MPLCONFIGDIR": str(home / ".mpl"), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}", "--ServerApp.allow_root=True", "--LabApp.news_url=",
+         f"--Exchange.root={root / 'exchange'}"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, token, root
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the kernels it started
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=False)
+    context.close()
+
+
+def open_notebook(page, lab, relative_path: str):
+    url, token, _ = lab
+    # `reset`: start from an empty workspace, not with the tabs an earlier test left open.
+    page.goto(f"{url}/lab/tree/{relative_path}?reset&token={token}")
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell", state="visible")
+    # The kernel is ready when the status bar says Idle.
+    page.wait_for_selector(".jp-NotebookPanel-toolbar .jp-Notebook-ExecutionIndicator[data-status='idle']",
+                           timeout=90_000)
+
+
+def run_all(page, wait_for: str | None = None, timeout: int = 180_000):
+    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+    if wait_for:
+        # Off-screen cells are not painted by JupyterLab, so wait for the element to exist, then show it.
+        page.wait_for_selector(wait_for, state="attached", timeout=timeout)
+        page.locator(wait_for).first.scroll_into_view_if_needed()
+
+
+def wait_until_idle(page, timeout: int = 180_000):
+    page.wait_for_function(
+        """() => ![...document.querySelectorAll('.jp-InputArea-prompt')].some(p => p.textContent.includes('*'))""",
+        timeout=timeout)
+
+
+def text_changes(page, locator, before: str, timeout: int = 20_000) -> str:
+    deadline = time.monotonic() + timeout / 1000
+    while time.monotonic() < deadline:
+        now = locator.inner_text()
+        if now != before:
+            return now
+        page.wait_for_timeout(200)
+    raise AssertionError(f"text did not change from {before!r}")
+
+
+def test_will_it_fit_widget_follows_its_controls(page, lab):
+    open_notebook(page, lab, "solutions/01_memory_math/01_memory_math.ipynb")
+    run_all(page, wait_for=".peftlab-will-it-fit .widget-html-content b")
+    widget = page.locator(".peftlab-will-it-fit")
+    verdict = widget.locator(".widget-html-content").first
+    widget.scroll_into_view_if_needed()
+    before = verdict.inner_text()
+    assert before.startswith("Does not fit: 112.0 GB"), before  # 7B, full fine-tuning, mixed precision
+    widget.locator("button", has_text="QLoRA").click()
+    after = text_changes(page, verdict, before)
+    assert after.startswith("Fits:") and "of 80 GB" in after, after
+    widget.locator("select").first.select_option("70B")
+    after_70b = text_changes(page, verdict, after)
+    assert "Fits" in after_70b and "GB of 80 GB" in after_70b, after_70b
+    widget.locator("select").nth(2).select_option("T4 (16 GB)")
+    assert text_changes(page, verdict, after_70b).startswith("Does not fit"), "70B QLoRA cannot fit a 16 GB T4"
+    assert widget.locator(".jp-OutputArea-output img").count() == 1, "the stacked bar is drawn"
+    widget.screenshot(path=str(ARTIFACTS / "01_will_it_fit_widget.png"))
+
+
+@pytest.mark.parametrize("notebook", ["02_soft_prompts", "03_prefix_tuning"])
+def test_virtual_token_explorer_follows_its_slider(page, lab, notebook):
+    open_notebook(page, lab, f"solutions/{notebook}/{notebook}.ipynb")
+    run_all(page, wait_for=".peftlab-virtual-tokens .widget-html-content b")
+    wait_until_idle(page)
+    widget = page.locator(".peftlab-virtual-tokens")
+    widget.scroll_into_view_if_needed()
+    report = widget.locator(".widget-html-content").first
+    before = report.inner_text()
+    assert "prompt tuning: 9,216 trainable parameters" in before, before  # SmolLM2, 16 tokens
+    if notebook == "03_prefix_tuning":
+        assert "prefix tuning: 184,320 trainable parameters" in before, before
+    widget.locator(".widget-slider .noUi-handle, .widget-slider input[type=range]").first.focus()
+    page.keyboard.press("ArrowRight")
+    after = text_changes(page, report, before)
+    assert "prompt tuning: 9,792 trainable parameters" in after, after  # 17 tokens x 576
+    widget.locator("select").first.select_option("Llama-3.1-70B")
+    assert "prompt tuning: 139,264 trainable parameters" in text_changes(page, report, after)  # 17 x 8192
+    widget.screenshot(path=str(ARTIFACTS / f"{notebook}_virtual_token_widget.png"))
+
+
+def test_lora_explorer_follows_its_controls(page, lab):
+    open_notebook(page, lab, "solutions/04_lora/04_lora.ipynb")
+    run_all(page, wait_for=".peftlab-lora-explorer .widget-html-content b")
+    wait_until_idle(page)
+    widget = page.locator(".peftlab-lora-explorer")
+    widget.scroll_into_view_if_needed()
+    report = widget.locator(".widget-html-content").first
+    before = report.inner_text()
+    assert before.startswith("6,815,744 trainable parameters"), before  # Llama-3.1-8B, r=16, q and v
+    widget.locator("select").first.select_option("SmolLM2-135M")
+    after = text_changes(page, report, before)
+    assert after.startswith("921,600 trainable parameters"), after  # r=16 on q, v of SmolLM2
+    widget.locator("select[multiple] option", has_text="k_proj").click(modifiers=["Control"])
+    assert text_changes(page, report, after).startswith("1,290,240 trainable parameters")
+    assert widget.locator(".jp-OutputArea-output img").count() == 1
+    widget.screenshot(path=str(ARTIFACTS / "04_lora_explorer.png"))
+
+
+def test_student_sees_todo_cells_and_a_failing_test_that_says_what_to_do(page, lab):
+    open_notebook(page, lab, "course/01_memory_math/01_memory_math.ipynb")
+    todo = page.locator(".jp-Cell", has_text="YOUR CODE HERE").first
+    todo.scroll_into_view_if_needed()
+    assert "raise NotImplementedError()" in todo.inner_text()
+    run_all(page)  # stops at the first failing cell
+    error = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']",
+                         has_text="NotImplementedError").first
+    error.wait_for(state="attached", timeout=120_000)
+    error.scroll_into_view_if_needed()
+    text = error.text_content()
+    assert "NotImplementedError" in text and "training_memory_bytes" in text, text[-800:]
+    assert page.locator(".peftlab-will-it-fit").count() == 0, "Run All stops at the first failing test"
+    committed = nbformat.read(COURSE / "01_memory_math" / "01_memory_math.ipynb", as_version=4)
+    assert not any(c.get("outputs") for c in committed.cells), "the tests never touch course/"
+
+
+def test_instructor_validates_a_solved_notebook(page, lab):
+    open_notebook(page, lab, "solutions/01_memory_math/01_memory_math.ipynb")
+    page.locator(".validate-button").first.click()
+    dialog = page.locator(".jp-Dialog")
+    dialog.wait_for(state="visible", timeout=180_000)
+    text = dialog.inner_text()
+    assert "Success" in text and "passes all the tests" in text, text
+
+
+def test_formgrader_lists_the_assignments(page, lab):
+    url, token, _ = lab
+    page.goto(f"{url}/formgrader/manage_assignments?token={token}")
+    table = page.locator("table")
+    table.wait_for(state="visible")
+    page.wait_for_selector("text=04_lora", timeout=60_000)
+    listed = table.inner_text()
+    for assignment in sorted(p.name for p in SOLUTIONS.iterdir() if p.is_dir()):
+        assert assignment in listed, f"{assignment} missing from the formgrader"
