@@ -145,6 +145,16 @@ def wait_until_idle(page, timeout: int = 180_000):
         timeout=timeout)
 
 
+def solved_widget(page, lab, notebook: str, css_class: str):
+    """Run a solved notebook and return its widget (``.css_class``) and the widget's first HTML report."""
+    open_notebook(page, lab, f"solutions/{notebook}/{notebook}.ipynb")
+    run_all(page, wait_for=f".{css_class} .widget-html-content b")
+    wait_until_idle(page)
+    widget = page.locator(f".{css_class}")
+    widget.scroll_into_view_if_needed()
+    return widget, widget.locator(".widget-html-content").first
+
+
 def text_changes(page, locator, before: str, timeout: int = 20_000) -> str:
     deadline = time.monotonic() + timeout / 1000
     while time.monotonic() < deadline:
@@ -156,11 +166,7 @@ def text_changes(page, locator, before: str, timeout: int = 20_000) -> str:
 
 
 def test_will_it_fit_widget_follows_its_controls(page, lab):
-    open_notebook(page, lab, "solutions/01_memory_math/01_memory_math.ipynb")
-    run_all(page, wait_for=".peftlab-will-it-fit .widget-html-content b")
-    widget = page.locator(".peftlab-will-it-fit")
-    verdict = widget.locator(".widget-html-content").first
-    widget.scroll_into_view_if_needed()
+    widget, verdict = solved_widget(page, lab, "01_memory_math", "peftlab-will-it-fit")
     before = verdict.inner_text()
     assert before.startswith("Does not fit: 112.0 GB"), before  # 7B, full fine-tuning, mixed precision
     widget.locator("button", has_text="QLoRA").click()
@@ -177,12 +183,7 @@ def test_will_it_fit_widget_follows_its_controls(page, lab):
 
 @pytest.mark.parametrize("notebook", ["02_soft_prompts", "03_prefix_tuning"])
 def test_virtual_token_explorer_follows_its_slider(page, lab, notebook):
-    open_notebook(page, lab, f"solutions/{notebook}/{notebook}.ipynb")
-    run_all(page, wait_for=".peftlab-virtual-tokens .widget-html-content b")
-    wait_until_idle(page)
-    widget = page.locator(".peftlab-virtual-tokens")
-    widget.scroll_into_view_if_needed()
-    report = widget.locator(".widget-html-content").first
+    widget, report = solved_widget(page, lab, notebook, "peftlab-virtual-tokens")
     before = report.inner_text()
     assert "prompt tuning: 9,216 trainable parameters" in before, before  # SmolLM2, 16 tokens
     if notebook == "03_prefix_tuning":
@@ -197,12 +198,7 @@ def test_virtual_token_explorer_follows_its_slider(page, lab, notebook):
 
 
 def test_lora_explorer_follows_its_controls(page, lab):
-    open_notebook(page, lab, "solutions/04_lora/04_lora.ipynb")
-    run_all(page, wait_for=".peftlab-lora-explorer .widget-html-content b")
-    wait_until_idle(page)
-    widget = page.locator(".peftlab-lora-explorer")
-    widget.scroll_into_view_if_needed()
-    report = widget.locator(".widget-html-content").first
+    widget, report = solved_widget(page, lab, "04_lora", "peftlab-lora-explorer")
     before = report.inner_text()
     assert before.startswith("6,815,744 trainable parameters"), before  # Llama-3.1-8B, r=16, q and v
     widget.locator("select").first.select_option("SmolLM2-135M")
