@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT / "tests"))
+from notebooks import isolated_env as test_env  # noqa: E402 (one definition of the isolated environment)
 
 _EXECUTE = r"""
 import json, resource, sys, time
@@ -39,9 +41,8 @@ print(json.dumps({"seconds": seconds, "kernel_peak_mb": peak_mb}))
 
 
 def isolated_env(home: Path, cache: Path) -> dict[str, str]:
-    return {**os.environ, "HOME": str(home), "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
-            "PEFTLAB_CACHE": str(cache), "IPYTHONDIR": str(home / ".ipython"),
-            "JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "MPLCONFIGDIR": str(home / ".mpl"),
+    """The tests' isolated, offline environment, with this Python's scripts (nbgrader, alembic) on PATH."""
+    return {**os.environ, **test_env(home, cache),
             "PATH": os.pathsep.join([str(Path(PY).parent), os.environ.get("PATH", "")])}
 
 
