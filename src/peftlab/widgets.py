@@ -275,3 +275,80 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
     box.add_class("peftlab-virtual-tokens")
     display(box)
     return box
+
+
+QUANT_BLOCK_SIZES = {"whole tensor": None, "16": 16, "32": 32, "64": 64, "128": 128, "256": 256, "1024": 1024}
+
+
+def quantization_error(quantize_fn: Callable, dequantize_fn: Callable, weights, bits: int,
+                       blocksize: int | None) -> dict:
+    """Round-trip ``weights`` through the student's blockwise quantizer (``blocksize=None``: one block for
+    the whole tensor) and return the errors and their summary."""
+    n = weights.numel()
+    size = n if blocksize is None else blocksize
+    q, absmax = quantize_fn(weights, blocksize=size, bits=bits)
+    restored = dequantize_fn(q, absmax, weights.shape, blocksize=size, bits=bits)
+    error = (restored - weights).reshape(-1)
+    rms = weights.pow(2).mean().sqrt().item()
+    return {"error": error, "rms_error": error.pow(2).mean().sqrt().item(),
+            "max_error": error.abs().max().item(), "relative_rms": error.pow(2).mean().sqrt().item() / rms,
+            "zeroed": int(((restored == 0) & (weights != 0)).sum())}
+
+
+def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int = 4096):
+    """Bits, block size and outliers -> histogram of the round-trip error of the student's blockwise
+    quantizer, next to the same data quantized with one scale for the whole tensor."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from peftlab.quant import outlier_weights
+
+    style = {"description_width": "110px"}
+    bits = widgets.IntSlider(value=4, min=2, max=8, description="Bits", style=style)
+    block = widgets.Dropdown(options=list(QUANT_BLOCK_SIZES), value="64", description="Block size", style=style)
+    outliers = widgets.IntSlider(value=4, min=0, max=64, description="Outliers", style=style)
+    scale = widgets.FloatLogSlider(value=20, base=10, min=0, max=2.5, description="Outlier size (x)", style=style)
+    report = widgets.HTML()
+    plot = widgets.Output()
+
+    def update(*_):
+        w = outlier_weights(n, outliers.value, scale.value)
+        try:
+            ours = quantization_error(quantize_fn, dequantize_fn, w, bits.value, QUANT_BLOCK_SIZES[block.value])
+            whole = quantization_error(quantize_fn, dequantize_fn, w, bits.value, None)
+        except NotImplementedError:
+            report.value = "<b>Implement <code>quantize_blockwise</code> and <code>dequantize_blockwise</code> first.</b>"
+            return
+        report.value = (
+            f"<b>block size {block.value}</b>: RMS error {ours['rms_error']:.2e} ({ours['relative_rms']:.1%} of the "
+            f"weights' RMS), {ours['zeroed']:,} of {n:,} weights rounded to zero<br>"
+            f"<b>whole tensor</b>: RMS error {whole['rms_error']:.2e} ({whole['relative_rms']:.1%}), "
+            f"{whole['zeroed']:,} rounded to zero")
+        with plot:
+            plot.clear_output(wait=True)
+            fig, ax = plt.subplots(figsize=(7, 3))
+            limit = max(whole["max_error"], ours["max_error"], 1e-12)
+            bins = _linspace(-limit, limit, 81)
+            ax.hist(whole["error"].tolist(), bins=bins, alpha=0.5, label="one scale for the whole tensor")
+            ax.hist(ours["error"].tolist(), bins=bins, alpha=0.7, label=f"blocks of {block.value}")
+            ax.set_yscale("log")
+            ax.set_xlabel("dequantized - original")
+            ax.set_ylabel("weights")
+            ax.set_title(f"{bits.value}-bit absmax quantization of {n:,} weights, {outliers.value} outliers", fontsize=9)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            plt.show()
+            plt.close(fig)
+
+    for control in (bits, block, outliers, scale):
+        control.observe(update, names="value")
+    update()
+    box = widgets.VBox([widgets.HBox([widgets.VBox([bits, block]), widgets.VBox([outliers, scale])]), report, plot])
+    box.add_class("peftlab-quantization-explorer")
+    display(box)
+    return box
+
+
+def _linspace(start: float, stop: float, steps: int) -> list[float]:
+    return [start + (stop - start) * i / (steps - 1) for i in range(steps)]

@@ -1,0 +1,179 @@
+"""Helpers for notebooks 05 (quantization) and 06 (QLoRA): bitsandbytes references, held-out text for
+measuring what quantization costs, and 4-bit loading of SmolLM2 that is safe to train on a CPU.
+
+Nothing here solves an exercise: the references call bitsandbytes itself, so that a test (or a
+curious student) can compare a hand-written quantizer with the library bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+# Held-out English text, written for this course (so no model was trained on it), to measure how much
+# a quantized model's next-token loss rises over the full-precision one.
+HELD_OUT_TEXT = (
+    "The river that runs past the old mill floods almost every spring. When the snow melts in the hills, "
+    "the water rises over the footpath and the ducks swim where people usually walk their dogs.",
+    "To make a simple loaf of bread, mix flour, water, salt and a little yeast, knead the dough for ten "
+    "minutes, let it rise until it has doubled, shape it, and bake it in a hot oven until the crust is brown.",
+    "A library card is one of the cheapest ways to learn something new. Most public libraries lend books, "
+    "films and music, and many also offer free courses, language lessons and quiet rooms for study.",
+    "The train to the coast leaves at a quarter past eight. If you miss it, the next one is an hour later, "
+    "so it is worth arriving at the station a few minutes early and buying the ticket in advance.",
+    "Bees visit thousands of flowers in a single day. As they collect nectar they carry pollen from one "
+    "plant to the next, which is why many fruit farmers rent hives for the few weeks their trees bloom.",
+    "When you write a letter of complaint, say clearly what went wrong, when it happened and what you "
+    "would like the company to do about it. A short, polite letter is more likely to get a quick answer.",
+)
+
+
+def nf4_table() -> torch.Tensor:
+    """bitsandbytes' own NF4 table (16 float32 values on the CPU)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device="cpu")
+
+
+def bnb_nf4(w: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Tensor]:
+    """Quantize ``w`` with ``bitsandbytes.functional.quantize_4bit`` (NF4, no double quantization)
+    and return what a hand-written NF4 should reproduce: ``packed`` (1-D uint8, two codes a byte),
+    ``codes`` (1-D uint8, one per element), ``absmax`` (float32 per block) and ``dequantized``
+    (``dequantize_4bit``, float32, ``w``'s shape)."""
+    import bitsandbytes.functional as bnbf
+
+    w = w.detach().float().cpu().contiguous()
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: w.numel()]
+    return {"packed": flat.clone(), "codes": codes, "absmax": state.absmax.clone(),
+            "dequantized": bnbf.dequantize_4bit(packed, state)}
+
+
+def bnb_storage_bits(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> float:
+    """Bits per parameter that bitsandbytes actually stores for ``w`` in NF4: packed codes plus the
+    block constants (with double quantization: 8-bit absmax, plus the float32 scale of each group of
+    256 of those and their mean offset). Lookup tables, shared by every weight, are left out."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w.detach().float().cpu().contiguous(), blocksize=blocksize,
+                                       quant_type="nf4", compress_statistics=double_quant)
+    bits = packed.numel() * packed.element_size() * 8 + state.absmax.numel() * state.absmax.element_size() * 8
+    if double_quant:
+        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8
+    return bits / w.numel()
+
+
+def outlier_weights(n: int = 4096, outliers: int = 0, outlier_scale: float = 20.0, seed: int = 0,
+                    std: float = 0.02) -> torch.Tensor:
+    """A seeded weight-like vector: normal values with ``outliers`` of them ``outlier_scale`` times larger
+    (large language models have a few such features, Dettmers et al., 2022, LLM.int8())."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g) * std
+    if outliers:
+        idx = torch.randperm(n, generator=g)[:outliers]
+        w[idx] = torch.randn(outliers, generator=g).sign() * std * outlier_scale
+    return w
+
+
+@torch.no_grad()
+def lm_loss(model, tokenizer, texts: Sequence[str] = HELD_OUT_TEXT) -> float:
+    """Mean next-token cross-entropy of ``model`` over ``texts``, weighted by tokens (lower is better)."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+        n = ids.shape[1] - 1
+        total += model(ids, labels=ids).loss.item() * n
+        count += n
+    return total / count
+
+
+@torch.no_grad()
+def round_trip_linear_weights(model: nn.Module, round_trip: Callable[[torch.Tensor], torch.Tensor],
+                              skip: Sequence[str] = ("lm_head",)) -> int:
+    """Replace, in place, every ``nn.Linear`` weight ``w`` of ``model`` (except those named in ``skip``)
+    by ``round_trip(w)``, a quantize-then-dequantize function; return how many weights were replaced."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.split(".")[-1] not in skip:
+            new = round_trip(module.weight.detach()).reshape(module.weight.shape).to(module.weight.dtype)
+            module.weight.copy_(new)
+            count += 1
+    return count
+
+
+def disable_cpu_weight_repacking(model: nn.Module) -> int:
+    """Work around a silent bitsandbytes bug; return how many 4-bit layers were changed.
+
+    On CPUs with AVX512-BF16, the first forward pass through a ``bnb.nn.Linear4bit`` under
+    ``torch.no_grad()`` or in eval mode (evaluation, ``generate``) repacks its weight into an
+    inference-only layout, and from then on training silently loses the gradient through that layer
+    (bitsandbytes 0.50 logs "gemv_4bit: an autograd kernel was not registered"). Turning the repacking
+    off costs some inference speed on those CPUs and changes nothing elsewhere.
+    """
+    import bitsandbytes as bnb
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def load_4bit(path: str, quantization_config, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path)`` in 4-bit through bitsandbytes, safe to train: on a
+    machine without a GPU it loads to the CPU and disables the weight repacking that breaks gradients
+    there (see `disable_cpu_weight_repacking`)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.models import _quiet_progress
+
+    kwargs.setdefault("device_map", "auto" if torch.cuda.is_available() else "cpu")
+    with _quiet_progress(True):
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config, **kwargs)
+    disable_cpu_weight_repacking(model)
+    return model
+
+
+def load_smollm2_4bit(quantization_config):
+    """SmolLM2-135M-Instruct in 4-bit (offline from the course's cache), with `load_4bit`'s CPU fix."""
+    from peftlab.models import smollm2_path
+
+    return load_4bit(smollm2_path(), quantization_config)
+
+
+def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Measured bytes of the trainable parameters, their gradients and the optimizer's state tensors."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    state = 0
+    if optimizer is not None:
+        for s in optimizer.state.values():
+            state += sum(t.numel() * t.element_size() for t in s.values()
+                         if torch.is_tensor(t) and t.numel() > 1)
+    return {"weights": weights, "gradients": grads, "optimizer": state}
+
+
+def frozen_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer that does not train (4-bit weights count as stored)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    for module in model.modules():  # 4-bit layers keep their block constants beside the weight
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state)
+    return total
+
+
+def _quant_state_bytes(state) -> int:
+    total = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "state2", None) is not None:
+        total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
