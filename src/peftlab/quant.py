@@ -146,19 +146,6 @@ def load_smollm2_4bit(quantization_config):
     return load_4bit(smollm2_path(), quantization_config)
 
 
-def training_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Measured bytes of the trainable parameters, their gradients and the optimizer's state tensors."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    weights = sum(p.numel() * p.element_size() for p in trainable)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
-    state = 0
-    if optimizer is not None:
-        for s in optimizer.state.values():
-            state += sum(t.numel() * t.element_size() for t in s.values()
-                         if torch.is_tensor(t) and t.numel() > 1)
-    return {"weights": weights, "gradients": grads, "optimizer": state}
-
-
 def frozen_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer that does not train (4-bit weights count as stored)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)

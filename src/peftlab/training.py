@@ -60,6 +60,7 @@ class TrainResult:
     seconds: float = 0.0
     steps: int = 0
     trainable_params: int = 0
+    state_bytes: dict = field(default_factory=dict)  # measured at the last step: weights, gradients, optimizer
 
     @property
     def seconds_per_step(self) -> float:
@@ -99,6 +100,8 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
                 loss = loss_fn(model, batch)
             loss.backward()
             optimizer.step()
+            if result.steps == steps - 1:  # the gradients and Adam's moments all exist now
+                result.state_bytes = _state_bytes(params, optimizer)
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(loss.item())
             result.steps += 1
@@ -111,6 +114,15 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
         if bar is not None:
             bar.close()
     return result
+
+
+def _state_bytes(params, optimizer) -> dict[str, int]:
+    """Bytes held for training: the trainable weights, their gradients and the optimizer's state."""
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    return {"weights": sum(size(p) for p in params),
+            "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(size(t) for s in optimizer.state.values() for t in s.values()
+                             if torch.is_tensor(t) and t.dim() > 0)}
 
 
 def fast_bf16(device: torch.device) -> bool:
