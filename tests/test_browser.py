@@ -210,6 +210,24 @@ def test_lora_explorer_follows_its_controls(page, lab):
     widget.screenshot(path=str(ARTIFACTS / "04_lora_explorer.png"))
 
 
+def test_quantization_explorer_follows_its_controls(page, lab):
+    widget, report = solved_widget(page, lab, "05_quantization", "peftlab-quantization-explorer")
+    before = report.inner_text()
+    assert before.startswith("block size 64: RMS error"), before  # 4 bits, 4 outliers of 20x
+    widget.locator("select").first.select_option("whole tensor")
+    after = text_changes(page, report, before)
+    assert after.startswith("block size whole tensor"), after
+    blocks, whole = (float(line.split("(")[1].split("%")[0]) for line in after.splitlines()[:2])
+    assert blocks == whole, "one block for the whole tensor is the per-tensor scale"
+    widget.locator(".widget-slider .noUi-handle, .widget-slider input[type=range]").first.focus()
+    page.keyboard.press("ArrowRight")  # 5 bits: a smaller error
+    five_bits = text_changes(page, report, after)
+    assert float(five_bits.split("(")[1].split("%")[0]) < blocks, five_bits
+    assert widget.locator(".jp-OutputArea-output img").count() == 1, "the error histogram is drawn"
+    page.wait_for_timeout(1500)  # the histogram is redrawn after the report
+    widget.screenshot(path=str(ARTIFACTS / "05_quantization_explorer.png"))
+
+
 def test_student_sees_todo_cells_and_a_failing_test_that_says_what_to_do(page, lab):
     open_notebook(page, lab, "course/01_memory_math/01_memory_math.ipynb")
     todo = page.locator(".jp-Cell", has_text="YOUR CODE HERE").first

@@ -331,7 +331,8 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
             limit = max(whole["max_error"], ours["max_error"], 1e-12)
             bins = _linspace(-limit, limit, 81)
             ax.hist(whole["error"].tolist(), bins=bins, alpha=0.5, label="one scale for the whole tensor")
-            ax.hist(ours["error"].tolist(), bins=bins, alpha=0.7, label=f"blocks of {block.value}")
+            chosen = "the same (block size: whole tensor)" if block.value == "whole tensor" else f"blocks of {block.value}"
+            ax.hist(ours["error"].tolist(), bins=bins, alpha=0.7, label=chosen)
             ax.set_yscale("log")
             ax.set_xlabel("dequantized - original")
             ax.set_ylabel("weights")
