@@ -36,10 +36,16 @@ c.ClearSolutions.text_stub = "YOUR ANSWER HERE"
 c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
 
-# Feedback returned to students must not reveal the source of hidden tests.
+# Feedback returned to students must not reveal hidden tests: neither their source (ClearHiddenTests)
+# nor the failing lines a traceback quotes (SanitizeTracebacks, which must run first).
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor  # noqa: E402
 from nbgrader.preprocessors import ClearHiddenTests, GetGrades  # noqa: E402
 
-c.GenerateFeedback.preprocessors = [GetGrades, ClearHiddenTests, CSSHTMLHeaderPreprocessor]
+from autograder.feedback import SanitizeTracebacks  # noqa: E402
+
+c.GenerateFeedback.preprocessors = [GetGrades, SanitizeTracebacks, ClearHiddenTests, CSSHTMLHeaderPreprocessor]
 
 c.Exchange.root = str(root / "autograder" / "exchange")

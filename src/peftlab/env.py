@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
+from pathlib import Path
 
 # The distributions a learner (or an instructor reading a bug report) wants to see first.
 REPORTED_PACKAGES = (
@@ -56,3 +58,8 @@ def print_versions() -> None:
     for name, version in package_versions().items():
         print(f"  {name:<13} {version or 'not installed'}")
     print(f"  device        {device_summary()}")
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$PEFTLAB_CACHE`` or ``~/.cache/peftlab``."""
+    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")

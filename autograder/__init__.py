@@ -1,0 +1,1 @@
+"""PEFT Lab's grading tools: release generation, safe parallel autograding, feedback."""

@@ -1,0 +1,273 @@
+"""Turn one submitted file into the notebook the grader runs, and say what was wrong with it.
+
+The graded notebook is rebuilt from the instructor's source: every locked cell and every test (with
+its hidden part) comes from `solutions/`, every answer from the student. So a locked cell the student
+edited, a test cell replaced by `pass` or deleted, or cells moved around are all graded as the
+instructor wrote them, and reported. Matching uses nbgrader's cell metadata; when a platform such
+as Google Colab dropped it, cells are matched by their content and position against the release.
+
+Nothing here executes student code.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell
+
+from autograder import guard
+
+MAX_BYTES = 200 * 1024 * 1024  # larger files are refused unread
+
+# Code a person should read: it reaches outside the notebook or into the grader's machinery.
+SUSPICIOUS = {
+    "network": r"\bsocket\b|urllib|requests\.|http\.client|httpx|aiohttp",
+    "processes": r"subprocess|os\.system|os\.popen|os\.exec|os\.fork|pty\.",
+    "exits the kernel": r"os\._exit|sys\.exit|\bexit\(|\bquit\(|os\.kill",
+    "reads grading files": r"solutions|gradebook|autograder|submitted|\.ipynb",
+    "grader machinery": r"get_ipython|__builtins__|\bbuiltins\b|sys\.modules|showtraceback|ctypes|\bgc\.|inspect\.stack"
+                        r"|sys\._getframe|signal\.|setattr\(\s*(torch|math|np|peftlab)",
+    "rebinds test helpers": r"^\s*(torch\.\w+|math\.\w+|assert_close|expect_error|float_tensors|param_count|"
+                            r"[a-z_]*reference\w*|peft_\w+)\s*=",
+}
+
+
+@dataclass
+class Prepared:
+    """A submission ready to run (``notebook``), or why it cannot be (``reason``)."""
+
+    notebook: nbformat.NotebookNode | None = None
+    reason: str = ""
+    flags: list[str] = field(default_factory=list)   # integrity problems for a person to look at
+    notes: list[str] = field(default_factory=list)   # repairs and conversions, recorded
+    answered: int = 0                                # answer cells that hold the student's work
+
+    @property
+    def failed(self) -> bool:
+        return self.notebook is None
+
+
+def _norm(source) -> str:
+    if isinstance(source, list):
+        source = "".join(source)
+    return "\n".join(line.rstrip() for line in str(source).replace("\r\n", "\n").split("\n")).strip()
+
+
+def _nbgrader(cell) -> dict:
+    meta = cell.get("metadata") if isinstance(cell, dict) else None
+    data = meta.get("nbgrader") if isinstance(meta, dict) else None
+    return data if isinstance(data, dict) else {}
+
+
+def _kind(cell) -> str:
+    meta = _nbgrader(cell)
+    if meta.get("solution"):
+        return "answer"
+    if meta.get("grade") and cell.cell_type == "code":
+        return "test"
+    if meta.get("locked"):
+        return "locked"
+    tags = cell.get("metadata", {}).get("tags", [])
+    return "demo" if "demo" in tags else "plain"
+
+
+def read_submission(path: Path) -> tuple[nbformat.NotebookNode | None, str, list[str]]:
+    """Parse a file as a notebook (any nbformat version, upgraded to 4): ``(notebook, reason, notes)``."""
+    notes = []
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return None, f"cannot read the file: {exc}", notes
+    if size > MAX_BYTES:
+        return None, f"file too large ({size / 1e6:,.0f} MB; limit {MAX_BYTES / 1e6:,.0f} MB)", notes
+    if size == 0:
+        return None, "empty file (0 bytes)", notes
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"not valid JSON, so not a readable notebook (truncated or corrupted?): {str(exc)[:120]}", notes
+    if not isinstance(data, dict) or not ("cells" in data or "worksheets" in data):
+        return None, "valid JSON but not a Jupyter notebook (no cells)", notes
+    version = data.get("nbformat")
+    try:
+        nb = nbformat.reads(json.dumps(data), as_version=4)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the submission's, reported
+        return None, f"not a notebook nbformat can read: {str(exc)[:160]}", notes
+    if version != 4:
+        notes.append(f"converted from nbformat {version} to 4")
+    cells = [c for c in nb.cells if isinstance(c, dict) and "cell_type" in c]
+    for cell in cells:
+        cell.setdefault("metadata", {})
+        cell["source"] = "".join(cell.get("source", "")) if isinstance(cell.get("source"), list) else str(cell.get("source", ""))
+        if cell.get("outputs"):
+            cell["outputs"] = []  # outputs are never graded; a huge one is simply dropped
+    nb.cells = cells
+    return nb, "", notes
+
+
+def _match(source, release, sub) -> tuple[dict[int, int], list[str], list[str]]:
+    """Map source cell index -> submission cell index. Returns (match, flags, notes)."""
+    flags, notes = [], []
+    graded = {c.metadata["nbgrader"]["grade_id"]: i for i, c in enumerate(source) if _nbgrader(c).get("grade_id")}
+    by_id: dict[str, list[int]] = {}
+    for j, cell in enumerate(sub):
+        gid = _nbgrader(cell).get("grade_id")
+        if isinstance(gid, str) and gid in graded and sub[j].cell_type == source[graded[gid]].cell_type:
+            by_id.setdefault(gid, []).append(j)
+    colab = len(by_id) < 0.5 * len(graded)
+    if colab:
+        notes.append("nbgrader metadata missing (a Colab-style rewrite?): cells matched to the release by content "
+                     "and position")
+    match, used = {}, set()
+    for gid, js in by_id.items():
+        match[graded[gid]] = js[0]
+        used.add(js[0])
+        if len(js) > 1:
+            flags.append(f"cell {gid} appears {len(js)} times (every copy runs, in order)")
+    # Cells the release gave the student unchanged are found by their content.
+    free = lambda j: j not in used  # noqa: E731
+    by_text: dict[tuple[str, str], list[int]] = {}
+    for j, cell in enumerate(sub):
+        by_text.setdefault((cell.cell_type, _norm(cell.source)), []).append(j)
+    repaired = 0
+    for i, cell in enumerate(source):
+        if i in match or _kind(cell) == "answer":
+            continue
+        if _kind(cell) in ("test", "locked") and not colab and _nbgrader(cell).get("grade_id"):
+            # metadata present elsewhere: this cell lost its own (or was deleted); an unchanged copy still counts
+            candidates = [j for j in by_text.get((cell.cell_type, _norm(release[i].source)), []) if free(j)]
+            if candidates:
+                match[i] = candidates[0]
+                used.add(candidates[0])
+            continue
+        candidates = [j for j in by_text.get((cell.cell_type, _norm(release[i].source)), []) if free(j)]
+        if not candidates and _kind(cell) in ("plain", "demo"):
+            candidates = [j for j, c in enumerate(sub) if free(j) and c.get("id") == cell.get("id")
+                          and _norm(c.source) == _norm(release[i].source)]
+        if candidates:
+            match[i] = candidates[0]
+            used.add(candidates[0])
+            repaired += colab and _kind(cell) in ("test", "locked")
+    if colab:  # answers: the unclaimed cell of the right type between the neighbouring matched cells
+        for i, cell in enumerate(source):
+            if _kind(cell) != "answer" or i in match:
+                continue
+            before = [match[k] for k in match if k < i]
+            after = [match[k] for k in match if k > i]
+            lo, hi = max(before, default=-1), min(after, default=len(sub))
+            candidates = [j for j in range(lo + 1, hi) if free(j) and sub[j].cell_type == cell.cell_type]
+            if candidates:
+                match[i] = candidates[0]
+                used.add(candidates[0])
+                repaired += 1
+        notes.append(f"restored nbgrader metadata of {repaired} cells")
+    return match, flags, notes
+
+
+def prepare(path: Path, source_nb, release_nb, name: str = "") -> Prepared:
+    """Rebuild ``path`` (a student's file) as a gradable notebook from ``source_nb`` (solutions, with
+    hidden tests) and ``release_nb`` (what the student received)."""
+    sub_nb, reason, notes = read_submission(path)
+    if sub_nb is None:
+        return Prepared(reason=reason, notes=notes)
+    source, release, sub = source_nb.cells, release_nb.cells, sub_nb.cells
+    if not sub:
+        return Prepared(reason="the notebook has no cells", notes=notes, flags=["empty notebook"])
+    match, flags, match_notes = _match(source, release, sub)
+    notes += match_notes
+    result = Prepared(flags=flags, notes=notes)
+
+    order = [match[i] for i in sorted(match)]
+    if order != sorted(order):
+        result.flags.append("cells were moved out of the release's order (graded in the release's order)")
+    for i, cell in enumerate(source):
+        kind, gid = _kind(cell), _nbgrader(cell).get("grade_id", cell.get("id"))
+        if kind in ("test", "locked") and _nbgrader(cell).get("grade_id"):
+            what = "test cell" if kind == "test" else "locked cell"
+            if i not in match:
+                result.flags.append(f"{what} {gid} was deleted (graded with the original)")
+            elif _norm(sub[match[i]].source) not in (_norm(release[i].source), _norm(cell.source)):
+                result.flags.append(f"{what} {gid} was modified (graded with the original)")
+        elif kind == "answer":
+            if i not in match:
+                result.flags.append(f"answer cell {gid} was deleted")
+            elif _norm(sub[match[i]].source) != _norm(release[i].source):
+                result.answered += 1
+
+    matched = set(match.values())
+    extras = [j for j, c in enumerate(sub) if j not in matched and c.cell_type == "code" and _norm(c.source)]
+    deleted_answers = any("answer cell" in f for f in result.flags)
+    if extras and deleted_answers:
+        result.flags.append(f"{len(extras)} code cells of the student's own kept in place (an answer moved?)")
+    elif extras:
+        result.notes.append(f"{len(extras)} code cells of the student's own kept in place")
+
+    student_code = [sub[match[i]].source for i, c in enumerate(source) if _kind(c) == "answer" and i in match
+                    and c.cell_type == "code"] + [sub[j].source for j in extras]
+    for label, pattern in SUSPICIOUS.items():
+        hits = sorted({m.group(0).strip() for src in student_code for m in re.finditer(pattern, src, re.M)})
+        if hits:
+            result.flags.append(f"suspicious code ({label}): {', '.join(hits[:4])}")
+
+    result.notebook = _build(source_nb, release, sub, match, extras)
+    return result
+
+
+def _build(source_nb, release, sub, match, extras):
+    """The grading notebook: the source's cells in order, the student's answers in the answer cells,
+    the student's own code cells after the cell they followed, demos left out, guard cells added."""
+    source = source_nb.cells
+    inverse = {j: i for i, j in match.items()}
+    anchored: dict[int, list[int]] = {}
+    for j in extras:
+        previous = [inverse[k] for k in range(j) if k in inverse]
+        anchored.setdefault(max(previous, default=-1), []).append(j)
+    imports = next((i for i, c in enumerate(source) if c.get("id") == "imports"), None)
+    if imports is None:
+        imports = next((i for i, c in enumerate(source) if _kind(c) == "locked" and c.cell_type == "code"), 0)
+    locked_code = [c.source for c in source if c.cell_type == "code" and _kind(c) == "locked" and c.get("id") != "setup"]
+
+    cells, guard_count = [], 0
+
+    def add_guard(src):
+        nonlocal guard_count
+        guard_count += 1
+        cells.append(new_code_cell(src, id=f"peftlab-guard-{guard_count}", metadata={"tags": ["peftlab-guard"]}))
+
+    def add_extras(at):
+        for j in anchored.get(at, []):
+            cell = new_code_cell(sub[j].source, id=f"student-cell-{j}", metadata={"tags": ["student-added"]})
+            cells.append(cell)
+
+    for i, cell in enumerate(source):
+        kind = _kind(cell)
+        if kind == "demo":
+            pass
+        elif kind == "answer":
+            new = copy.deepcopy(release[i])  # the release's metadata (with nbgrader's checksum of the stub)
+            if i in match:
+                new.source = sub[match[i]].source
+            cells.append(new)
+        else:
+            if kind == "test":
+                add_guard(guard.restore_source(_nbgrader(cell)["grade_id"]))
+            new = copy.deepcopy(cell)
+            if kind in ("test", "locked"):
+                new.metadata["nbgrader"] = copy.deepcopy(release[i].metadata.get("nbgrader", new.metadata["nbgrader"]))
+            cells.append(new)
+        if i == imports:
+            add_guard(guard.install_source(locked_code))
+            for at in range(-1, imports + 1):
+                add_extras(at)
+        elif i > imports:
+            add_extras(i)
+    for cell in cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb = nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(source_nb.metadata))
+    return nb
