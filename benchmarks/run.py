@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/run.py              # notebooks + autograde, ~1-2 minutes
     .venv/bin/python benchmarks/run.py --install    # also time a fresh `scripts/setup.sh` (minutes)
+    .venv/bin/python benchmarks/run.py --grading    # also time the grading command (complete student, 1/2 workers)
+    .venv/bin/python benchmarks/run.py --only-grading
 
 Prints a Markdown table. Each notebook runs in its own process and kernel with the SmolLM2 cache
 already converted (what a student sees after the first run); the one-off conversion is timed
@@ -48,21 +50,75 @@ def isolated_env(home: Path, cache: Path) -> dict[str, str]:
 
 def timed(cmd, **kwargs) -> float:
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+    done = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
+
+
+def _grade(tmp: Path, env: dict, inbox: Path, workers: int) -> float:
+    root = tmp / f"grade-root-{inbox.name}-{workers}"
+    shutil.copytree(ROOT / "solutions", root / "solutions")
+    (root / "autograder").mkdir()
+    genv = {**env, "PEFTLAB_COURSE_ROOT": str(root)}
+    names = sorted({p.stem for p in inbox.rglob("*.ipynb")})
+    # The one-off generate_assignment per assignment is not part of the throughput.
+    subprocess.run([PY, "-c", "import sys; sys.path.insert(0, '.'); from autograder.grade import release_of; "
+                    "from pathlib import Path; [release_of(Path(sys.argv[1]), n) for n in sys.argv[2:]]", str(root), *names],
+                   cwd=ROOT, env=genv, check=True)
+    return timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet"], cwd=ROOT, env=genv)
+
+
+def grading_rows(tmp: Path, env: dict, rows: list) -> list:
+    """Time the grading command: one complete student (every notebook), and a class of eight
+    submissions of notebook 04 with 1 and 2 workers."""
+    complete = tmp / "inbox-complete"
+    for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
+        (complete / "student").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, complete / "student" / path.name)
+    seconds = _grade(tmp, env, complete, 2)
+    rows.append((f"grading command: one complete student ({len(list(complete.rglob('*.ipynb')))} notebooks), 2 workers",
+                 f"{seconds:.1f} s", ""))
+    klass = tmp / "inbox-class"
+    for i in range(8):
+        (klass / f"student{i}").mkdir(parents=True)
+        shutil.copy(ROOT / "solutions" / "04_lora" / "04_lora.ipynb", klass / f"student{i}" / "04_lora.ipynb")
+    for workers in (1, 2):
+        seconds = _grade(tmp, env, klass, workers)
+        rows.append((f"grading command: 8 submissions of 04_lora, {workers} worker(s)",
+                     f"{seconds:.1f} s ({8 / seconds * 60:.1f} submissions/min)", ""))
+    return rows
+
+
+class Rows(list):
+    """Table rows, each also printed the moment it is measured (a late failure loses nothing)."""
+
+    def append(self, row) -> None:
+        super().append(row)
+        print(f"| {row[0]} | {row[1]} | {row[2]} |", file=sys.stderr, flush=True)
+
+    def __iadd__(self, rows):
+        for row in rows:
+            self.append(row)
+        return self
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--install", action="store_true", help="also time a fresh setup.sh")
+    parser.add_argument("--grading", action="store_true", help="also time the grading command (a few minutes)")
+    parser.add_argument("--only-grading", action="store_true", help="time the grading command only")
     args = parser.parse_args()
-    rows = []
+    rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         env = isolated_env(tmp / "home", tmp / "cache")
         (tmp / "home").mkdir()
         seconds = timed([PY, "-m", "peftlab.models"], env=env)
         rows.append(("SmolLM2 one-off conversion (first run only)", f"{seconds:.1f} s", ""))
+        if args.only_grading:
+            grading_rows(tmp, env, rows)
+            return _print(rows)
 
         for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
             done = subprocess.run([PY, "-c", _EXECUTE, str(path), str(path.parent)], env=env,
@@ -82,12 +138,19 @@ def main() -> None:
             seconds = timed([PY, "-m", "nbgrader", "autograde", name, "--force"], cwd=ROOT, env=genv)
             rows.append((f"nbgrader autograde of one {name} submission", f"{seconds:.1f} s", ""))
 
+        if args.grading:
+            grading_rows(tmp, env, rows)
+
         if args.install:
             clone = tmp / "clone"
             subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
             seconds = timed(["bash", "scripts/setup.sh"], cwd=clone, env={**os.environ, "HOME": str(tmp / "home")})
             rows.append(("fresh install (scripts/setup.sh, pip cache empty)", f"{seconds:.0f} s", ""))
 
+    _print(rows)
+
+
+def _print(rows) -> None:
     print(f"\nPEFT Lab benchmarks ({os.cpu_count()} cores, {time.strftime('%Y-%m-%d')})\n")
     print("| what | time | peak memory |\n|---|---:|---:|")
     for what, seconds, memory in rows:

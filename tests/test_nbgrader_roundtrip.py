@@ -1,7 +1,9 @@
 """A real nbgrader round trip in a temporary course: release, submit, autograde, feedback, export.
 
 One student submits the instructor's solution, another the untouched release: the first must get
-every automatic point, the second none, and the feedback must not show hidden tests.
+every automatic point, the second none, and the feedback must not show hidden tests. Grading goes
+through the course's grading command (`autograder.grade`); nbgrader's own autograde, which the
+formgrader uses, is checked on notebook 01.
 """
 
 import csv
@@ -12,7 +14,7 @@ import sys
 import nbformat
 import pytest
 
-from notebooks import ROOT, SOLUTIONS, hidden_test_lines, notebooks
+from notebooks import COURSE, ROOT, SOLUTIONS, hidden_test_lines, notebooks
 
 ASSIGNMENTS = [p.parent.name for p in notebooks(SOLUTIONS)]
 
@@ -27,17 +29,26 @@ def nbgrader(course, *args):
 
 @pytest.fixture(scope="module")
 def graded_course(tmp_path_factory):
+    """Every assignment graded by the course's grading command, plus nbgrader's own autograde (which
+    runs the demonstrations too) for notebook 01 on a third student."""
     course = tmp_path_factory.mktemp("course-root")
     shutil.copytree(SOLUTIONS, course / "solutions")
-    (course / "autograder").mkdir()
+    inbox = course.parent / f"{course.name}-inbox"
     for assignment in ASSIGNMENTS:
-        nbgrader(course, "generate_assignment", assignment, "--force")
-        for student, source in (("alice", course / "solutions"), ("bob", course / "course")):
-            target = course / "autograder" / "submitted" / student / assignment
-            shutil.copytree(source / assignment, target)
-        nbgrader(course, "autograde", assignment, "--force")
-        nbgrader(course, "generate_feedback", assignment, "--force")
-    nbgrader(course, "export", "--to", str(course / "grades.csv"))
+        for student, source in (("alice", SOLUTIONS), ("bob", COURSE)):
+            target = inbox / student / f"{assignment}.ipynb"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source / assignment / f"{assignment}.ipynb", target)
+    env = {**__import__("os").environ, "PEFTLAB_COURSE_ROOT": str(course)}
+    done = subprocess.run([sys.executable, "-m", "autograder.grade", str(inbox), "--workers", "2", "--quiet"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+    carol = course / "autograder" / "submitted" / "carol" / "01_memory_math"
+    shutil.copytree(SOLUTIONS / "01_memory_math", carol)
+    nbgrader(course, "autograde", "01_memory_math", "--student", "carol", "--force")
+    (course / "course").mkdir(exist_ok=True)
+    shutil.copytree(course / "autograder" / ".releases", course / "course", dirs_exist_ok=True)
+    shutil.copy(course / "autograder" / "grades.csv", course / "grades.csv")
     return course
 
 
@@ -79,6 +90,16 @@ def test_feedback_is_produced_without_hidden_tests(graded_course, assignment):
 def test_grades_csv_lists_every_submission(graded_course):
     rows = list(csv.DictReader((graded_course / "grades.csv").open()))
     assert {(r["assignment"], r["student_id"]) for r in rows} == {
-        (a, s) for a in ASSIGNMENTS for s in ("alice", "bob")}
+        (a, s) for a in ASSIGNMENTS for s in ("alice", "bob")}  # exported before carol was graded
     assert all(float(r["raw_score"]) == 0.0 for r in rows if r["student_id"] == "bob"), "the release scores zero"
     assert all(float(r["raw_score"]) > 0 for r in rows if r["student_id"] == "alice")
+
+
+@pytest.mark.slow
+def test_nbgrader_own_autograde_gives_the_solution_full_points(graded_course):
+    from nbgrader.api import Gradebook
+
+    with Gradebook(f"sqlite:///{graded_course / 'autograder' / 'gradebook.db'}") as gb:
+        carol = gb.find_submission("01_memory_math", "carol")
+        alice = gb.find_submission("01_memory_math", "alice")
+        assert carol.code_score == alice.code_score == carol.max_code_score > 0

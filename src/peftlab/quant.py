@@ -146,6 +146,50 @@ def load_smollm2_4bit(quantization_config):
     return load_4bit(smollm2_path(), quantization_config)
 
 
+def model_factory(path: str):
+    """A function that loads a fresh copy of the model at ``path`` on every call:
+    ``factory()`` in fp32, ``factory(quantization_config=...)`` in 4 bits through `load_4bit`."""
+
+    def factory(quantization_config=None):
+        if quantization_config is not None:
+            return load_4bit(path, quantization_config)
+        from transformers import AutoModelForCausalLM
+
+        from peftlab.models import _quiet_progress
+
+        with _quiet_progress(True):
+            return AutoModelForCausalLM.from_pretrained(path)
+
+    return factory
+
+
+def smollm2_factory():
+    """`model_factory` for SmolLM2-135M-Instruct (offline, from the course's cache)."""
+    from peftlab.models import smollm2_path
+
+    return model_factory(smollm2_path())
+
+
+def tiny_llama_factory(seed: int = 0, **overrides):
+    """`model_factory` for a seeded tiny Llama (saved once per process to a temporary folder)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from peftlab.models import tiny_llama
+
+    key = (seed, tuple(sorted(overrides.items())))
+    if key not in _TINY_FOLDERS:
+        folder = tempfile.mkdtemp(prefix="peftlab-tiny-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        tiny_llama(seed=seed, **overrides).save_pretrained(folder)
+        _TINY_FOLDERS[key] = folder
+    return model_factory(_TINY_FOLDERS[key])
+
+
+_TINY_FOLDERS: dict = {}
+
+
 def frozen_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer that does not train (4-bit weights count as stored)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)

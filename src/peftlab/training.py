@@ -69,14 +69,16 @@ class TrainResult:
 
 def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float = 1e-3,
           batch_size: int = 16, seed: int = 0, loss_fn: Callable | None = None,
-          bf16: bool | None = None, progress: bool = True, bare: bool = False) -> TrainResult:
+          bf16: bool | None = None, progress: bool = True, bare: bool = False,
+          param_groups: list[dict] | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require gradients with AdamW for ``steps`` steps.
 
     ``loss_fn(model, batch)`` returns the loss (default: ``model(**batch).loss``), which lets a
     wrapper such as a soft-prompt module take the batch its own way. ``bf16`` runs the forward and
     backward under bfloat16 autocast (default: on a CPU that supports it quickly, as on the course
     machines; the trained parameters stay fp32). ``bare`` trains on prompts without the
-    instruction line, for methods that learn their own.
+    instruction line, for methods that learn their own. ``param_groups`` (optimizer parameter
+    groups, each with its own ``lr``) replaces the single group, as LoRA+ needs.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -85,7 +87,7 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
     if bf16 is None:
         bf16 = fast_bf16(device)
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups or params, lr=lr, weight_decay=0.0)
     result = TrainResult(trainable_params=sum(p.numel() for p in params))
     stream = batches(tokenizer, examples, batch_size, seed, bare)
     bar = _progress(steps) if progress else None
@@ -161,5 +163,30 @@ def soft_prompt_generate_fn(model, soft_prompt: torch.Tensor):
         return model.generate(inputs_embeds=torch.cat([prompt, embeds], dim=1), attention_mask=mask,
                               max_new_tokens=max_new_tokens, do_sample=False,
                               pad_token_id=model.config.eos_token_id)
+
+    return generate
+
+
+def greedy_generate_fn(model):
+    """A ``generate_fn`` for `peftlab.task.evaluate` that decodes greedily with plain forward passes.
+    It works for every ``peft`` method, including prefix tuning, whose prefix ``generate`` drops
+    (transformers 5.24): the first pass goes through the peft model (which puts its virtual tokens or
+    prefix in the cache), the following ones through the adapted base model, reusing that cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def generate(input_ids, attention_mask, max_new_tokens):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        extra = cache.get_seq_length() - input_ids.shape[1]  # virtual tokens or prefix already cached
+        mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], dim=1)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        new = [token]
+        for _ in range(max_new_tokens - 1):
+            mask = torch.cat([mask, mask.new_ones(token.shape)], dim=1)
+            out = base(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            new.append(token)
+        return torch.cat(new, dim=1)
 
     return generate

