@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --install    # also time a fresh `scripts/setup.sh` (minutes)
     .venv/bin/python benchmarks/run.py --grading    # also time the grading command (complete student, 1/2 workers)
     .venv/bin/python benchmarks/run.py --only-grading
+    .venv/bin/python benchmarks/run.py --lab        # also LoRA vs QLoRA through the GPU lab's command
 
 Prints a Markdown table. Each notebook runs in its own process and kernel with the SmolLM2 cache
 already converted (what a student sees after the first run); the one-off conversion is timed
@@ -90,6 +91,19 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
     return rows
 
 
+def lab_rows(tmp: Path, env: dict, rows: list) -> None:
+    """The GPU lab's command at its CPU settings: LoRA vs QLoRA on SmolLM2."""
+    for label, extra in (("QLoRA (NF4)", []), ("LoRA (fp32 base)", ["--no-4bit"])):
+        out = tmp / f"lab-{len(extra)}"
+        timed([PY, "-m", "peftlab.lab", "--output-dir", str(out), "--quiet", *extra], env=env)
+        r = json.loads((out / "results.json").read_text())
+        t, m, a = r["timing"], r["memory"], r["accuracy"]
+        rows.append((f"lab on CPU, {label}: {r['config']['max_steps']} steps, batch {r['config']['batch_size']}, "
+                     f"seq {r['config']['max_seq_len']}; accuracy {a['before']:.0%} -> {a['after']:.0%}",
+                     f"{t['steps_per_second']:.2f} steps/s, {t['tokens_per_second']:.0f} tokens/s",
+                     f"{m['measured_peak_bytes'] / 1e9:.2f} GB (predicted {m['predicted_bytes']['total'] / 1e9:.2f})"))
+
+
 class Rows(list):
     """Table rows, each also printed the moment it is measured (a late failure loses nothing)."""
 
@@ -108,6 +122,7 @@ def main() -> None:
     parser.add_argument("--install", action="store_true", help="also time a fresh setup.sh")
     parser.add_argument("--grading", action="store_true", help="also time the grading command (a few minutes)")
     parser.add_argument("--only-grading", action="store_true", help="time the grading command only")
+    parser.add_argument("--lab", action="store_true", help="also run the GPU lab's command at CPU settings")
     args = parser.parse_args()
     rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
@@ -140,6 +155,8 @@ def main() -> None:
 
         if args.grading:
             grading_rows(tmp, env, rows)
+        if args.lab:
+            lab_rows(tmp, env, rows)
 
         if args.install:
             clone = tmp / "clone"
