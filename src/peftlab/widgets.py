@@ -93,7 +93,6 @@ def will_it_fit(memory_fn: Callable):
     """The "Will it fit?" calculator: model, precision, method and GPU -> stacked bar and verdict."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     style = {"description_width": "110px"}
     layout = widgets.Layout(width="480px")
@@ -132,13 +131,8 @@ def will_it_fit(memory_fn: Callable):
             plt.show()
             plt.close(fig)  # the inline backend has drawn it; don't keep every redraw in memory
 
-    for control in (model, precision, method, share, gpu):
-        control.observe(update, names="value")
-    update()
     box = widgets.VBox([model, precision, method, share, gpu, verdict, plot])
-    box.add_class("peftlab-will-it-fit")
-    display(box)
-    return box
+    return _show(box, "peftlab-will-it-fit", (model, precision, method, share, gpu), update)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -174,7 +168,6 @@ def lora_explorer(lora_count_fn: Callable):
     """Rank, alpha, target modules and model size -> trainable parameters, share, adapter size."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from peftlab.models import LLAMA_FAMILY
 
@@ -216,13 +209,8 @@ def lora_explorer(lora_count_fn: Callable):
             plt.show()
             plt.close(fig)
 
-    for control in (model, rank, alpha, targets):
-        control.observe(update, names="value")
-    update()
     box = widgets.VBox([widgets.HBox([widgets.VBox([model, rank, alpha]), targets]), report, plot])
-    box.add_class("peftlab-lora-explorer")
-    display(box)
-    return box
+    return _show(box, "peftlab-lora-explorer", (model, rank, alpha, targets), update)
 
 
 def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable | None = None):
@@ -230,7 +218,6 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
     prompt tuning (``prompt_count_fn(config, P)``) and, when given, prefix tuning (``prefix_count_fn``)."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from peftlab.models import LLAMA_FAMILY, family_config
 
@@ -268,11 +255,18 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
             plt.show()
             plt.close(fig)
 
-    for control in (model, tokens):
+    box = widgets.VBox([model, tokens, report, plot])
+    return _show(box, "peftlab-virtual-tokens", (model, tokens), update)
+
+
+def _show(box, css_class: str, controls, update):
+    """Wire each control to ``update``, draw once, tag the widget for tests and styling, display it."""
+    from IPython.display import display
+
+    for control in controls:
         control.observe(update, names="value")
     update()
-    box = widgets.VBox([model, tokens, report, plot])
-    box.add_class("peftlab-virtual-tokens")
+    box.add_class(css_class)
     display(box)
     return box
 
@@ -300,7 +294,6 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
     quantizer, next to the same data quantized with one scale for the whole tensor."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
-    from IPython.display import display
 
     from peftlab.quant import outlier_weights
 
@@ -342,13 +335,8 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
             plt.show()
             plt.close(fig)
 
-    for control in (bits, block, outliers, scale):
-        control.observe(update, names="value")
-    update()
     box = widgets.VBox([widgets.HBox([widgets.VBox([bits, block]), widgets.VBox([outliers, scale])]), report, plot])
-    box.add_class("peftlab-quantization-explorer")
-    display(box)
-    return box
+    return _show(box, "peftlab-quantization-explorer", (bits, block, outliers, scale), update)
 
 
 def _linspace(start: float, stop: float, steps: int) -> list[float]:
