@@ -26,7 +26,7 @@ c.CourseDirectory.feedback_directory = "autograder/feedback"
 # An absolute URL: nbgrader resolves a relative sqlite path against the current directory.
 c.CourseDirectory.db_url = f"sqlite:///{root / 'autograder' / 'gradebook.db'}"
 # Only notebooks and the files they need are released; never caches or checkpoints.
-c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*"]
+c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "lab_output"]
 
 # The stub students see in place of each solution; every graded test then fails until they work.
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}

@@ -54,11 +54,15 @@ def _normalised(path: Path):
     return json.loads(path.read_text())
 
 
+# Folders that running a notebook creates next to it (never released, never compared).
+RUN_OUTPUTS = {".ipynb_checkpoints", "lab_output", "__pycache__"}
+
+
 def stale_files(release_dir: Path, committed_dir: Path = COURSE) -> list[str]:
     """Relative paths that differ between a fresh release and the committed course/."""
     fresh = {p.relative_to(release_dir) for p in release_dir.rglob("*") if p.is_file()}
     committed = {p.relative_to(committed_dir) for p in committed_dir.rglob("*")
-                 if p.is_file() and ".ipynb_checkpoints" not in p.parts}
+                 if p.is_file() and not RUN_OUTPUTS & set(p.parts)}
     problems = [f"missing from course/: {p}" for p in sorted(fresh - committed)]
     problems += [f"not generated from solutions/: {p}" for p in sorted(committed - fresh)]
     for rel in sorted(fresh & committed):

@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--grading", action="store_true", help="also time the grading command (a few minutes)")
     parser.add_argument("--only-grading", action="store_true", help="time the grading command only")
     parser.add_argument("--lab", action="store_true", help="also run the GPU lab's command at CPU settings")
+    parser.add_argument("--no-plain-autograde", action="store_true", help="skip nbgrader's own autograde (demos included)")
     args = parser.parse_args()
     rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,7 +147,7 @@ def main() -> None:
         shutil.copytree(ROOT / "solutions", course / "solutions")
         (course / "autograder").mkdir()
         genv = {**env, "PEFTLAB_COURSE_ROOT": str(course)}
-        for path in sorted((course / "solutions").glob("*/*.ipynb")):
+        for path in ([] if args.no_plain_autograde else sorted((course / "solutions").glob("*/*.ipynb"))):
             name = path.parent.name
             timed([PY, "-m", "nbgrader", "generate_assignment", name, "--force"], cwd=ROOT, env=genv)
             shutil.copytree(path.parent, course / "autograder" / "submitted" / "student" / name)
