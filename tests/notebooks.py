@@ -51,17 +51,13 @@ def hidden_test_lines(nb) -> list[str]:
 
 
 def execute(path: Path, timeout: int = 600, allow_errors: bool = False):
-    """Execute a notebook top to bottom in a fresh kernel, in a temporary folder (what it writes,
-    such as the lab's lab_output/, never lands in the repository)."""
-    import tempfile
-
+    """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    with tempfile.TemporaryDirectory(prefix="peftlab-run-") as folder:
-        client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
-                                resources={"metadata": {"path": folder}})
-        client.execute()
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
+                            resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
     return nb
 
 

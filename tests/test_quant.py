@@ -75,7 +75,12 @@ def test_load_4bit_quantizes_every_block_layer_and_disables_cpu_repacking(tiny_f
     assert len(layers) == 14 and not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert all(m.support_avx512bf16_for_cpu is False for m in layers)
     dense = tiny_llama(seed=0)
-    assert quant.frozen_bytes(model) < 0.75 * sum(p.numel() * 4 for p in dense.parameters())
+    stored = quant.stored_bytes(model)
+    assert stored < 0.75 * sum(p.numel() * 4 for p in dense.parameters()), "4-bit layers shrink the model"
+    packed = sum(p.numel() for p in model.parameters() if p.dtype == torch.uint8)
+    constants = sum(m.weight.quant_state.absmax.numel() for m in layers)  # 8-bit absmax with double quant
+    assert stored >= sum(p.numel() * p.element_size() for p in model.parameters()) + constants
+    assert quant.frozen_bytes(model) < stored and packed > 0  # a fresh model's float parameters still train
 
 
 def _dense_twin(quantized):

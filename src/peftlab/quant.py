@@ -190,15 +190,22 @@ def tiny_llama_factory(seed: int = 0, **overrides):
 _TINY_FOLDERS: dict = {}
 
 
-def frozen_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer that does not train (4-bit weights count as stored)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+def stored_bytes(model: nn.Module, frozen_only: bool = False) -> int:
+    """Bytes the model's parameters and buffers occupy, 4-bit weights as stored (packed codes plus
+    their block constants, which `get_memory_footprint` leaves out); ``frozen_only``: only the
+    parameters that do not train."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters() if not (frozen_only and p.requires_grad))
     total += sum(b.numel() * b.element_size() for b in model.buffers())
     for module in model.modules():  # 4-bit layers keep their block constants beside the weight
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             total += _quant_state_bytes(state)
     return total
+
+
+def frozen_bytes(model: nn.Module) -> int:
+    """Bytes of everything in the model that does not train (see `stored_bytes`)."""
+    return stored_bytes(model, frozen_only=True)
 
 
 def _quant_state_bytes(state) -> int:
