@@ -1,190 +1,302 @@
-"""Run one prepared notebook in a sandboxed kernel, cell by cell, within time and memory limits.
+"""Grade one prepared notebook: run the student's cells in a sandboxed kernel, judge the tests here.
 
-    python -m autograder.execute JOB.json
+    python -m autograder.execute JOB.json       # one job (the grader runs them through autograder.worker)
 
-The grader starts one such process per submission (in parallel), so a crash here costs one
-submission, never the run. JOB.json names the notebook to run, where to write the executed copy
-and a result file, the limits and the sandbox's folders. The executed notebook is what nbgrader
-then scores (without running it again):
+JOB.json names the prepared notebook (which holds the hidden tests and lives where the kernel cannot
+see it), where to write the executed copy and the result, the limits and the student's names. What
+happens to each cell of the prepared notebook, in order:
 
-- a cell that runs past ``cell_timeout`` is interrupted and gets a TimeoutError output;
-- if the kernel dies (``os._exit``, a crash) or stops answering, or the notebook runs past
-  ``notebook_timeout``, every cell not run gets an error output, so no test passes unrun;
-- a cell whose execution failed but whose error display was suppressed gets an error output;
-- outputs are capped at ``max_output_bytes`` per cell.
+- locked cells, the student's answers and code cells, plain cells: run in the kernel; their outputs are
+  kept, reduced to inert forms (text, PNG or JPEG images, error text) and capped;
+- a locked cell that does not use the student's names also runs in the judge (imports, helpers);
+- a test cell: its visible part is judged now (`autograder.judge`); its hidden part after the last cell.
+
+Every test cell then carries exactly one verdict written by the grader: a line on stdout when it
+passed, an error output when it failed (for a hidden part: "a hidden test failed" and nothing else).
+nbgrader scores those outputs. A kernel that dies, hangs or runs out of time or memory costs the
+tests that could not be judged, never the run; a test is never passed without being judged.
 """
 
 from __future__ import annotations
 
-import asyncio
+import base64
+import binascii
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import nbformat
 
-from autograder import guard
+from autograder.judge import Judge, ProbeFailed, Verdict
+from autograder.kernel import Kernel, Limits
 
 ROOT = Path(__file__).resolve().parent.parent
+MAX_NOTEBOOK_OUTPUT = 4 << 20     # all kept outputs of one notebook (the feedback page)
+MAX_TEXT = 64 << 10               # one stream, error message or traceback
+IMAGE_MAGIC = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
+
+INTEGRITY = '''
+def integrity():
+    import sys
+    shell = get_ipython()
+
+    def from_notebook(hook):
+        code = getattr(hook, "__code__", None) or getattr(getattr(hook, "__call__", None), "__code__", None)
+        module = getattr(hook, "__module__", None) if code is not None else type(hook).__module__
+        filename = getattr(code, "co_filename", "") if code is not None else ""
+        return module in (None, "__main__") or filename.startswith("<") or "ipykernel_" in filename
+
+    probe = sys.modules.get("peftlab.probe")
+    return {
+        "trace": sys.gettrace() is not None, "profile": sys.getprofile() is not None,
+        "input_transformers": sum(map(from_notebook, [*shell.input_transformers_post, *shell.input_transformers_cleanup])),
+        "ast_transformers": sum(map(from_notebook, shell.ast_transformers)),
+        "events": sum(from_notebook(f) for hooks in shell.events.callbacks.values() for f in hooks),
+        "custom_exceptions": len(shell.custom_exceptions),
+        "probe": getattr(getattr(probe, "run", None), "__module__", None),
+    }
+'''
+INTEGRITY_NAMES = {
+    "trace": "a tracing hook (sys.settrace)", "profile": "a profiling hook (sys.setprofile)",
+    "input_transformers": "IPython input transformers", "ast_transformers": "IPython AST transformers",
+    "events": "IPython event callbacks", "custom_exceptions": "a custom exception handler (set_custom_exc)",
+    "probe": "the grader's probe function",
+}
+
+
+def _kind(cell) -> str:
+    meta = cell.get("metadata", {}).get("nbgrader", {})
+    if meta.get("solution"):
+        return "answer"
+    if meta.get("grade") and cell.cell_type == "code":
+        return "test"
+    if meta.get("locked"):
+        return "locked"
+    return "plain"
+
+
+def _is_test(cell) -> bool:
+    return _kind(cell) == "test"
 
 
 def _error_output(ename: str, evalue: str):
     return nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])
 
 
-def _is_test(cell) -> bool:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    return cell.cell_type == "code" and bool(meta.get("grade")) and not meta.get("solution")
+def _text(value) -> str:
+    text = "".join(value) if isinstance(value, list) else str(value)
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "\n[cut by the grader]\n"
 
 
-def _cap_outputs(cell, limit: int) -> bool:
-    size, kept, capped = 0, [], False
-    for output in cell.get("outputs", []):
-        n = len(json.dumps(output))
-        if size + n > limit:
-            capped = True
-            kept.append(nbformat.v4.new_output("stream", name="stdout",
-                                               text=f"[output cut by the grader: over {limit // 1024} KB]\n"))
-            break
-        size += n
-        kept.append(output)
-    cell.outputs = kept
-    return capped
+def sanitize(outputs: list) -> list:
+    """Outputs reduced to forms no browser executes: stream text, plain text, PNG/JPEG images (checked
+    to be images), errors as text. HTML, JavaScript, SVG, widgets and all metadata are dropped."""
+    clean = []
+    for output in outputs:
+        kind = output.get("output_type")
+        if kind == "stream":
+            name = output.get("name") if output.get("name") in ("stdout", "stderr") else "stdout"
+            clean.append(nbformat.v4.new_output("stream", name=name, text=_text(output.get("text", ""))))
+        elif kind in ("display_data", "execute_result"):
+            data = output.get("data", {}) if isinstance(output.get("data"), dict) else {}
+            kept = {}
+            if isinstance(data.get("text/plain"), (str, list)):
+                kept["text/plain"] = _text(data["text/plain"])
+            for mime, magic in IMAGE_MAGIC.items():
+                value = data.get(mime)
+                if isinstance(value, str) and len(value) < 4 << 20:
+                    try:
+                        if base64.b64decode(value[:64] + "=" * (-len(value[:64]) % 4), validate=False).startswith(magic):
+                            base64.b64decode(value, validate=True)
+                            kept[mime] = value
+                    except (binascii.Error, ValueError):
+                        pass
+            if kept:
+                if kind == "execute_result":
+                    clean.append(nbformat.v4.new_output("execute_result", data=kept, execution_count=None))
+                else:
+                    clean.append(nbformat.v4.new_output("display_data", data=kept))
+        elif kind == "error":
+            traceback = output.get("traceback") if isinstance(output.get("traceback"), list) else []
+            clean.append(nbformat.v4.new_output("error", ename=_text(output.get("ename", "Error"))[:200],
+                                                evalue=_text(output.get("evalue", "")),
+                                                traceback=[_text(line) for line in traceback[:200]]))
+    return clean
 
 
-def kernel_spec(job: dict, folder: Path) -> str:
-    """Write a kernelspec that starts ipykernel inside the sandbox (or with the memory limit only)."""
-    python = sys.executable
-    launcher = [python, str(ROOT / "autograder" / "sandbox.py")]
-    if job.get("sandbox"):
-        for path in job["hide"]:
-            launcher += ["--hide", path]
-        for path in job["expose"]:
-            launcher += ["--expose", path]
+def _verdict_outputs(verdict: Verdict, printed: str) -> list:
+    outputs = []
+    if printed:
+        outputs.append(nbformat.v4.new_output("stream", name="stdout", text=_text(printed)))
+    if verdict.passed:
+        outputs.append(nbformat.v4.new_output("stream", name="stdout", text="passed\n"))
     else:
-        launcher += ["--no-namespaces"]
-    if job.get("memory_mb"):
-        launcher += ["--memory-mb", str(job["memory_mb"])]
-    argv = launcher + ["--", python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    spec = folder / "kernels" / "peftlab-grader"
-    spec.mkdir(parents=True, exist_ok=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "grader", "language": "python"}))
-    return str(folder / "kernels")
+        outputs.append(_error_output(verdict.ename or "Error", verdict.evalue))
+    return outputs
 
 
-async def run(job: dict) -> dict:
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
+class Session:
+    """One notebook's kernel and judge."""
 
-    folder = Path(job["folder"])
-    work = folder / "work"
-    for sub in ("work", "home", "runtime"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    nb = nbformat.read(job["notebook"], as_version=4)
-    result = {"flags": [], "notes": [], "seconds": 0.0, "completed": False}
-    kernel_env = {
-        "HOME": str(folder / "home"), "IPYTHONDIR": str(folder / "home" / ".ipython"),
-        "MPLCONFIGDIR": str(folder / "home" / ".mpl"), "JUPYTER_RUNTIME_DIR": str(folder / "runtime"),
-        "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1",
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
-        "OMP_NUM_THREADS": str(job.get("threads", 1)), "PEFTLAB_GRADING": "1",
-    }
-    for key in ("PEFTLAB_CACHE", "VIRTUAL_ENV"):
-        if os.environ.get(key):
-            kernel_env[key] = os.environ[key]
-    km = AsyncKernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(folder / "runtime" / "k"),
-                            connection_file=str(folder / "runtime" / "connection.json"),
-                            kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_spec(job, folder)]))
-    client = NotebookClient(nb, km=km, timeout=job["cell_timeout"], allow_errors=True,
-                            interrupt_on_timeout=False, startup_timeout=120, record_timing=False,
-                            resources={"metadata": {"path": str(work)}})
-    start = time.monotonic()
-    deadline = start + job["notebook_timeout"]
-    stopped = None  # why execution ended early
-    replies, done = {}, set()
+    def __init__(self, job: dict):
+        self.job = job
+        limits = Limits(cell_cpu_seconds=job["cell_timeout"], cell_wall_seconds=job.get("cell_wall", job["cell_timeout"] * 5),
+                        memory_mb=job["memory_mb"], max_procs=job.get("max_procs", 64))
+        self.kernel = Kernel(Path(job["folder"]) / "k", limits, use_sandbox=job["sandbox"],
+                             expose=job.get("expose", []), threads=job.get("threads", 1))
+        self.judge = Judge(self.send, set(job.get("student_names", [])))
+        self.flags: list[str] = []
+        self.notes: list[str] = []
+        self.printed: list[str] = []   # what the student's code printed during a visible test
 
-    def on_executed(cell, cell_index, execute_reply):
-        replies[cell_index] = execute_reply.get("content", {}).get("status")
+    def send(self, source: str, name: str, arguments: str) -> str:
+        visible = self.judge.phase == "visible"
+        code = f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r})"
+        run = self.kernel.run(code, store_history=False, keep_outputs=visible)
+        if visible:
+            self.printed += [o.get("text", "") for o in run.outputs if o.get("output_type") == "stream"]
+        if run.status == "timeout":
+            self.flags.append(f"a test's call into the student's code hit a limit: {run.reason}")
+            raise ProbeFailed("TimeoutError", f"the test's call into your code was stopped: {run.reason}")
+        if run.status == "dead":
+            raise ProbeFailed("DeadKernelError", f"not run: {run.reason}")
+        reports = [r for r in run.reports if r is not None]
+        if len(run.reports) > 1:
+            self.flags.append("the kernel sent more than one report for one call")
+        if not reports:
+            errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in run.outputs if o.get("output_type") == "error"]
+            self.flags.append("a test's call into the student's code sent no report (display suppressed?)")
+            raise ProbeFailed("NoResult", "your notebook did not report what the test's call returned"
+                              + (f" ({errors[0][:300]})" if errors and visible else ""))
+        return reports[-1]
 
-    client.on_cell_executed = on_executed
-    try:
-        await client.async_start_new_kernel(env=kernel_env, cwd=str(work))
-        await client.async_start_new_kernel_client()
+    def integrity(self) -> dict | None:
+        try:
+            from peftlab import probe
+
+            return probe.read_report(self.send(INTEGRITY, "integrity", probe.dumps(((), {}))))
+        except Exception:  # noqa: BLE001 - a kernel that cannot even answer this is reported elsewhere
+            return None
+
+    def compare(self, baseline, now, when: str) -> None:
+        if not isinstance(baseline, dict) or not isinstance(now, dict):
+            return
+        changed = [INTEGRITY_NAMES[k] for k in INTEGRITY_NAMES if baseline.get(k) != now.get(k)]
+        if changed:
+            self.flags.append(f"the notebook changed the kernel's machinery ({when}): {', '.join(changed)}")
+
+    def grade(self, nb) -> dict:
+        result = {"completed": False, "seconds": 0.0}
+        start = time.monotonic()
+        deadline = start + self.job["notebook_timeout"]
+        tests, stopped, baseline, printed = [], None, None, {}
+        try:
+            self.kernel.start()
+        except Exception as exc:  # noqa: BLE001
+            stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"
+            self.flags.append(stopped)
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
-            done.add(index)
+            kind = _kind(cell)
+            cell.execution_count = None
+            if kind == "test":
+                tests.append(cell)
+                if stopped:
+                    self.judge.verdicts[cell.metadata["nbgrader"]["grade_id"]] = Verdict(False, "NotRun", f"not run: {stopped}")
+                    continue
+                self.printed = []
+                grade_id = cell.metadata["nbgrader"]["grade_id"]
+                self.judge.test(grade_id, cell.source)
+                printed[index] = "".join(self.printed)
+                continue
+            cell.outputs = []
             if stopped:
-                cell.outputs = [_error_output("NotExecuted", f"not run: {stopped}")] if _is_test(cell) else []
                 continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                stopped = f"the notebook ran past its {job['notebook_timeout']} s limit"
-                result["flags"].append(stopped)
-                cell.outputs = [_error_output("NotExecuted", f"not run: {stopped}")] if _is_test(cell) else []
+            if time.monotonic() > deadline:
+                stopped = f"the notebook ran past its {self.job['notebook_timeout']} s limit"
+                self.flags.append(stopped)
                 continue
-            try:
-                await asyncio.wait_for(client.async_execute_cell(cell, index), timeout=min(remaining, job["cell_timeout"] + 30))
-            except CellTimeoutError:
-                cell.outputs.append(_error_output("TimeoutError", f"the cell ran longer than {job['cell_timeout']} s and was stopped"))
-                result["flags"].append(f"a cell ran past the {job['cell_timeout']} s limit ({cell.get('id')})")
-                await km.interrupt_kernel()
-                try:  # does the kernel answer again?
-                    probe = nbformat.v4.new_code_cell("pass")
-                    await asyncio.wait_for(client.async_execute_cell(probe, index), timeout=20)
-                except Exception:  # noqa: BLE001 - any failure means the kernel is unusable
-                    stopped = "the kernel stopped answering after a timeout"
-                    result["flags"].append(stopped)
-            except (DeadKernelError, asyncio.TimeoutError, RuntimeError) as exc:
-                dead = isinstance(exc, DeadKernelError) or not await km.is_alive()
-                stopped = (f"the kernel died in cell {cell.get('id')}" if dead
-                           else f"cell {cell.get('id')} could not be run ({type(exc).__name__})")
-                result["flags"].append(stopped)
-                if _is_test(cell):
-                    cell.outputs.append(_error_output("NotExecuted", stopped))
-                continue
-            if replies.get(index) == "error" and not any(o.output_type == "error" for o in cell.outputs):
-                cell.outputs.append(_error_output("HiddenError", "the cell failed, but its error display was suppressed"))
-                result["flags"].append(f"the error display was suppressed in cell {cell.get('id')}")
-            if _cap_outputs(cell, job.get("max_output_bytes", 1 << 20)):
-                result["notes"].append(f"output of cell {cell.get('id')} cut to {job.get('max_output_bytes', 1 << 20) // 1024} KB")
-            for output in cell.outputs:
-                text = output.get("text", "") if output.output_type == "stream" else ""
-                if "peftlab-guard" in cell.get("metadata", {}).get("tags", []):
-                    for report in guard.parse(text):
-                        result["flags"].append(f"test machinery changed before {report['before']}, restored: "
-                                               + ", ".join(report["restored"][:6]))
-                if output.output_type == "error" and output.get("ename") == "MemoryError":
-                    result["flags"].append(f"memory limit reached in cell {cell.get('id')}")
-        result["completed"] = stopped is None
-    finally:
-        result["seconds"] = time.monotonic() - start
-        try:
-            if km.has_kernel:
-                await km.shutdown_kernel(now=True)
-        except Exception:  # noqa: BLE001 - the kernel may be gone already
-            pass
+            run = self.kernel.run(cell.source)
+            cell.outputs = sanitize(run.outputs)
+            if run.capped:
+                self.notes.append(f"output of cell {cell.get('id')} cut to {self.kernel.limits.max_output_bytes // 1024} KB")
+            if run.status == "timeout":
+                cell.outputs.append(_error_output("TimeoutError", run.reason))
+                self.flags.append(f"a cell hit a time limit ({cell.get('id')}): {run.reason}")
+            elif run.status == "dead":
+                stopped = run.reason if "limit" in run.reason or "too many" in run.reason else f"{run.reason} in cell {cell.get('id')}"
+                cell.outputs.append(_error_output("DeadKernelError", stopped))
+                self.flags.append(stopped)
+            if any(o.get("output_type") == "error" and o.get("ename") == "MemoryError" for o in cell.outputs):
+                self.flags.append(f"memory limit reached in cell {cell.get('id')}")
+            if kind == "locked" and cell.get("id") != "setup":
+                try:
+                    self.judge.locked(cell.source)
+                except Exception as exc:  # noqa: BLE001 - the instructor's cell failing here is worth saying
+                    self.notes.append(f"locked cell {cell.get('id')} failed in the judge: {type(exc).__name__}: {exc}")
+                if cell.get("id") == "imports":
+                    baseline = self.integrity()
+        if not stopped:
+            self.compare(baseline, self.integrity(), "during the notebook")
+            self.judge.finish()
+            self.compare(baseline, self.integrity(), "during the hidden tests")
         for index, cell in enumerate(nb.cells):
-            if "peftlab-guard" in cell.get("metadata", {}).get("tags", []):
-                cell.outputs = []  # guard cells print only for the grader
-            if _is_test(cell) and index not in done:  # never let a test that did not run count as passed
-                cell.outputs = [_error_output("NotExecuted", "not run: the grader could not start or finish the kernel")]
-        nbformat.write(nb, job["output"])
+            if not _is_test(cell):
+                continue
+            grade_id = cell.metadata["nbgrader"]["grade_id"]
+            verdict = self.judge.verdicts.get(grade_id) or Verdict(False, "NotRun", "not run: the grader stopped early")
+            cell.outputs = _verdict_outputs(verdict, printed.get(index, ""))
+        self.flags += self.judge.flags
+        if self.kernel.dead and not stopped:
+            self.flags.append(self.kernel.dead)
+        _cap_notebook(nb, self.notes)
+        result["completed"] = stopped is None and not self.kernel.dead
+        result["seconds"] = time.monotonic() - start
+        result["peak_mb"] = round(self.kernel.peak_bytes / 2**20)
+        return result
+
+
+def _cap_notebook(nb, notes: list[str]) -> None:
+    """Keep the feedback page bounded: drop the largest non-test outputs beyond the notebook's cap."""
+    sizes = [(len(json.dumps(c.get("outputs", []))), i) for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and not _is_test(c)]
+    total = sum(s for s, _ in sizes) + sum(len(json.dumps(c.outputs)) for c in nb.cells if _is_test(c))
+    for size, i in sorted(sizes, reverse=True):
+        if total <= MAX_NOTEBOOK_OUTPUT:
+            break
+        nb.cells[i].outputs = [nbformat.v4.new_output("stream", name="stdout",
+                                                      text="[outputs removed by the grader: the notebook's outputs were too large]\n")]
+        total -= size
+        notes.append(f"outputs of cell {nb.cells[i].get('id')} removed (the notebook's outputs passed {MAX_NOTEBOOK_OUTPUT >> 20} MB)")
+
+
+def grade_job(job: dict) -> dict:
+    """Run one job; always writes the executed notebook and returns a result (never raises)."""
+    nb = nbformat.read(job["notebook"], as_version=4)
+    session = Session(job)
+    try:
+        result = session.grade(nb)
+    except Exception as exc:  # noqa: BLE001 - report any failure as this submission's
+        result = {"completed": False, "error": f"{type(exc).__name__}: {exc}"}
+        for cell in nb.cells:
+            if _is_test(cell):
+                cell.outputs = [_error_output("NotGraded", "the grader could not finish this notebook")]
+    finally:
+        session.kernel.shutdown()
+    for cell in nb.cells:
+        if _is_test(cell) and not cell.get("outputs"):  # never let a test that was not judged count as passed
+            cell.outputs = [_error_output("NotRun", "not run: the grader could not finish the kernel")]
+    nbformat.write(nb, job["output"])
+    dedup = lambda items: list(dict.fromkeys(items))  # noqa: E731
+    result["flags"], result["notes"] = dedup(session.flags), dedup(session.notes)
     return result
 
 
 def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
-    try:
-        result = asyncio.run(run(job))
-    except Exception as exc:  # noqa: BLE001 - report any failure as this submission's
-        result = {"flags": [], "notes": [], "error": f"{type(exc).__name__}: {exc}", "completed": False}
-    dedup = lambda items: list(dict.fromkeys(items))  # noqa: E731
-    result["flags"], result["notes"] = dedup(result["flags"]), dedup(result["notes"])
+    result = grade_job(job)
     Path(job["result"]).write_text(json.dumps(result))
     return 0
 

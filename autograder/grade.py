@@ -12,14 +12,17 @@ For every submission the grader
 1. reads it defensively and rebuilds it from the instructor's notebook (`autograder.prepare`): locked
    cells and tests (with their hidden part) from `solutions/`, answers from the student, Colab's lost
    metadata repaired, demonstrations left out (they are never graded, and are most of the run time);
-2. runs it in a sandboxed kernel in one of ``--workers`` parallel processes (`autograder.execute`):
-   per-cell and per-notebook time limits, a memory limit, no network, and the course's solutions,
-   gradebook and other students' work out of sight (`autograder.sandbox`);
-3. lets nbgrader score the executed notebooks (without running them again), generate feedback that
+2. runs the student's cells in a sandboxed kernel and judges every test in a trusted worker process
+   (`autograder.worker`, `autograder.execute`, `autograder.judge`): the kernel only runs the tests'
+   ``@observe`` calls and reports plain data; the checks run outside its reach, hidden parts last;
+3. lets nbgrader score the judged notebooks (without running them again), generate feedback that
    hides hidden tests, and export grades as CSV.
 
+Reading never stops the run: every file of the input appears in the report, graded, failed (with the
+reason) or skipped (with the reason). Every distinct student name gets its own id.
+
 Results: ``autograder/grades.csv`` (nbgrader's export), ``autograder/reports/report.csv`` and ``.json``
-(one row per submission: score, status, flags for a person to review, notes on repairs), feedback in
+(one row per input file: score, status, flags for a person to review, notes on repairs), feedback in
 ``autograder/feedback/``, the files exactly as received in ``autograder/originals/``. Re-running the
 command re-grades and gives the same grades; a copy of the gradebook is kept before every run.
 """
@@ -27,17 +30,21 @@ command re-grades and gives the same grades; a copy of the gradebook is kept bef
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
+import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import unicodedata
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,14 +60,18 @@ from autograder.execute import _error_output, _is_test  # noqa: E402
 
 ZIP_LIMIT_BYTES = 4 << 30
 ZIP_LIMIT_FILES = 20_000
+SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+SKIPPED_FOLDERS = {".ipynb_checkpoints": "a Jupyter checkpoint copy, not a submission",
+                   "__MACOSX": "macOS archive metadata", ".git": "a git repository's internals"}
 
 
 @dataclass(eq=False)  # hashed by identity: one object per submission
 class Submission:
-    student: str
+    student: str                       # the id in the gradebook: unique, safe as a folder name
     assignment: str
     file: str
-    status: str = "pending"            # graded | failed
+    name: str = ""                     # the student's name as the export gave it
+    status: str = "pending"            # graded | failed | skipped
     reason: str = ""
     score: float | None = None
     max_score: float | None = None
@@ -77,32 +88,71 @@ def assignments(root: Path) -> list[str]:
     return sorted(p.name for p in (root / "solutions").iterdir() if p.is_dir() and p.name[:2].isdigit())
 
 
-def _student_id(text: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_.@-]+", "_", text).strip("._-")
-    return cleaned[:64] or "unknown"
+def _safe(text: str) -> str:
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", ascii_text).strip("._-")
 
 
-def extract_zip(path: Path, target: Path) -> list[str]:
-    """Extract safely: no absolute paths, no '..', no links, bounded size and count. Returns notes."""
-    notes = []
-    with zipfile.ZipFile(path) as archive:
+def student_ids(names: list[str]) -> dict[str, str]:
+    """A gradebook id for every distinct name: the name itself when it is already safe (ASCII letters,
+    digits, ``_.@-``, at most 48 characters, no leading dot), else its transliteration plus a hash of the
+    original. Names that differ only in case (two folders on a case-sensitive disk, one on a Mac's)
+    both get the hash. The id depends only on the name, so re-grading gives the same ids; two names
+    never share one."""
+    def hashed(name):
+        return f"{_safe(name)[:40] or 'student'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+    names = sorted(set(names))
+    ids = {name: name if _safe(name) == name and 0 < len(name) <= 48 else hashed(name) for name in names}
+    by_case: dict[str, list[str]] = {}
+    for name, sid in ids.items():
+        by_case.setdefault(sid.lower(), []).append(name)
+    for group in by_case.values():
+        if len(group) > 1:
+            for name in group:
+                ids[name] = hashed(name)
+    taken: set[str] = set()
+    for name in names:  # a name crafted to equal another's hashed id: numbered, in a stable order
+        sid, n = ids[name], 2
+        while sid.lower() in taken:
+            sid, n = f"{ids[name]}-{n}", n + 1
+        ids[name] = sid
+        taken.add(sid.lower())
+    return ids
+
+
+def extract_zip(path: Path, target: Path) -> tuple[list[str], dict[str, str]]:
+    """Extract safely: no absolute paths, no '..', no links, bounded size and count. An entry that
+    cannot be read (bad CRC, encrypted, unknown compression) is left out and named in the result.
+    Returns (notes, {entry name: why it could not be read})."""
+    notes, broken = [], {}
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise SystemExit(f"{path} cannot be opened as a zip archive: {exc}") from None
+    with archive:
         members = archive.infolist()
         if len(members) > ZIP_LIMIT_FILES:
-            raise ValueError(f"{path.name} holds {len(members):,} files (limit {ZIP_LIMIT_FILES:,})")
+            raise SystemExit(f"{path.name} holds {len(members):,} files (limit {ZIP_LIMIT_FILES:,})")
         if sum(m.file_size for m in members) > ZIP_LIMIT_BYTES:
-            raise ValueError(f"{path.name} would unpack to more than {ZIP_LIMIT_BYTES >> 30} GB")
+            raise SystemExit(f"{path.name} would unpack to more than {ZIP_LIMIT_BYTES >> 30} GB")
         for member in members:
             name = Path(member.filename)
             if member.is_dir():
                 continue
             if name.is_absolute() or ".." in name.parts or (member.external_attr >> 16) & 0o170000 == 0o120000:
                 notes.append(f"skipped unsafe archive entry {member.filename!r}")
+                broken[member.filename] = "an unsafe archive entry (absolute path, '..' or a link): not extracted"
                 continue
             out = target / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-    return notes
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            except Exception as exc:  # noqa: BLE001 - bad CRC, encryption, compression, a clash with a folder
+                out.unlink(missing_ok=True) if out.is_file() else None
+                broken[name.as_posix()] = f"the archive entry could not be read ({type(exc).__name__}: {str(exc)[:120]})"
+    return notes, broken
 
 
 def _content_assignment(path: Path, sources: dict) -> str | None:
@@ -121,46 +171,98 @@ def _content_assignment(path: Path, sources: dict) -> str | None:
     return best
 
 
-def discover(folder: Path, names: list[str], sources: dict) -> tuple[list[Submission], list[str]]:
-    """Find (student, assignment, file) in an export folder. Returns submissions and notes."""
-    found: dict[tuple[str, str], list[Path]] = {}
-    notes = []
-    for path in sorted(folder.rglob("*.ipynb")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") or part in ("__MACOSX", ".ipynb_checkpoints") for part in rel.parts):
+def _walk(folder: Path):
+    """Every entry under ``folder`` without following links: (relative path, kind, why skipped)."""
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        rel_top = Path(top).relative_to(folder)
+        for d in list(dirs):
+            rel = rel_top / d
+            full = Path(top) / d
+            if full.is_symlink():
+                dirs.remove(d)
+                yield rel, "skip", "a symbolic link, not followed"
+            elif d in SKIPPED_FOLDERS:
+                dirs.remove(d)
+                for sub_top, _, sub_files in os.walk(full, followlinks=False):
+                    for f in sub_files:
+                        yield Path(sub_top).relative_to(folder) / f, "skip", SKIPPED_FOLDERS[d]
+            elif d.endswith(".ipynb"):
+                yield rel, "broken", "a folder named like a notebook, not a notebook"
+        for f in files:
+            rel = rel_top / f
+            try:
+                mode = os.lstat(Path(top) / f).st_mode
+            except OSError as exc:
+                yield rel, "broken" if f.endswith(".ipynb") else "skip", f"cannot be read: {exc.strerror}"
+                continue
+            if stat.S_ISLNK(mode):
+                yield rel, "skip", "a symbolic link, not followed"
+            elif not stat.S_ISREG(mode):
+                yield rel, "skip", "not a regular file"
+            elif f in SYSTEM_FILES or f.startswith("._"):
+                yield rel, "skip", "an operating system's metadata file"
+            elif not f.endswith(".ipynb"):
+                yield rel, "skip", "not a notebook (.ipynb)"
+            else:
+                yield rel, "notebook", ""
+
+
+def discover(folder: Path, names: list[str], sources: dict, broken: dict[str, str] | None = None
+             ) -> tuple[list[Submission], list[Submission], list[str]]:
+    """Find (student, assignment, file) in an export folder: (submissions, skipped entries, notes).
+    ``broken`` names archive entries that could not be extracted; they become failed submissions."""
+    entries = [(rel, kind, why) for rel, kind, why in _walk(folder)]
+    entries += [(Path(name), "broken", why) for name, why in sorted((broken or {}).items())]
+    skipped, found, notes = [], {}, []
+    for rel, kind, why in entries:
+        if kind == "skip":
+            skipped.append(Submission("", "", rel.as_posix(), status="skipped", reason=why))
             continue
         text = rel.as_posix()
         named = [n for n in names if n in text]
-        assignment = max(named, key=len) if named else None
-        if assignment is None and len(names) == 1:
-            assignment = names[0]
-        if assignment is None:
-            assignment = _content_assignment(path, sources)
+        assignment = max(named, key=len) if named else (names[0] if len(names) == 1 else None)
+        if assignment is None and kind == "notebook":
+            assignment = _content_assignment(folder / rel, sources)
         if len(rel.parts) > 1:
             student = rel.parts[0]
         else:
-            student = path.stem.replace(assignment or "\0", "")
-        student = _student_id(student if student.strip("_- .") else path.stem)
+            stem = rel.name[:-len(".ipynb")] if rel.name.endswith(".ipynb") else rel.name
+            student = stem.replace(assignment, "") if assignment else stem
+            student = student.strip("_- .") or stem
         if assignment is None:
-            notes.append(f"{rel}: cannot tell which assignment this is; skipped")
+            skipped.append(Submission("", "", text, name=student, status="skipped",
+                                      reason="cannot tell which assignment this is"))
             continue
-        found.setdefault((student, assignment), []).append(path)
+        found.setdefault((student, assignment), []).append((rel, kind, why))
+    ids = student_ids([student for student, _ in found])
     submissions = []
-    for (student, assignment), paths in sorted(found.items()):
-        newest = max(paths, key=lambda p: p.stat().st_mtime)
-        sub = Submission(student, assignment, str(newest))
-        if len(paths) > 1:
-            sub.flags.append(f"{len(paths)} files for this assignment; graded the newest ({newest.name})")
+    for (student, assignment), items in sorted(found.items()):
+        def mtime(item):
+            try:
+                return os.lstat(folder / item[0]).st_mtime if item[1] == "notebook" else -1.0
+            except OSError:
+                return -1.0
+
+        chosen = max(items, key=lambda item: (mtime(item), item[0].as_posix()))
+        sub = Submission(ids[student], assignment, str(folder / chosen[0]), name=student)
+        if chosen[1] == "broken":
+            sub.status, sub.reason = "failed", chosen[2]
+        if ids[student] != student:
+            sub.notes.append(f"student {student!r} is graded as {ids[student]!r}")
+        for other in items:
+            if other is not chosen:
+                sub.flags.append(f"{len(items)} files for this assignment; graded the newest ({chosen[0].as_posix()})")
+                skipped.append(Submission(ids[student], assignment, other[0].as_posix(), name=student, status="skipped",
+                                          reason=f"an older file for the same student and assignment; graded "
+                                                 f"{chosen[0].as_posix()}"))
         submissions.append(sub)
-    return submissions, notes
+    return submissions, skipped, notes
 
 
 def release_of(root: Path, name: str):
     """The release notebook of an assignment, with the gradebook told about the assignment. nbgrader's
     generate_assignment (a few seconds) runs only when the instructor's notebook changed since the last
     run; its output is kept in autograder/.releases/."""
-    import hashlib
-
     notebook = root / "solutions" / name / f"{name}.ipynb"
     digest = hashlib.sha256(notebook.read_bytes()).hexdigest()
     cache = root / "autograder" / ".releases"
@@ -190,35 +292,96 @@ def _unreadable(release_nb, reason: str):
     return nb
 
 
-def _sandbox_paths(root: Path, inputs: Path, work: Path, job: Path) -> tuple[list[str], list[str]]:
-    hide = {str(ROOT), str(root), str(inputs), str(work), "/tmp", "/var/tmp", "/dev/shm"}
-    expose = {str(ROOT / "src"), str(job)}
-    prefix = Path(sys.prefix)
-    if prefix.is_relative_to(ROOT) or prefix.is_relative_to(root):
-        expose.add(str(prefix))
-    from peftlab.env import cache_dir  # not peftlab.models: that would import torch into the grader
+def _convert_models_once() -> None:
+    """SmolLM2 converted into the cache before any kernel starts: kernels see the cache read-only, and
+    some tests need its tokenizer. Done once (about 40 s), in a trusted process."""
+    from peftlab.env import SMOLLM2_CACHE_NAME, cache_dir, smollm2_cached
 
-    expose.add(str(cache_dir()))
-    return sorted(hide), sorted(expose)
+    if not smollm2_cached():
+        print("converting SmolLM2 into the model cache once (about 40 s) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-c", "from peftlab.models import smollm2_path; smollm2_path()"],
+                       cwd=ROOT, capture_output=True, timeout=1800)
+    folder = cache_dir() / SMOLLM2_CACHE_NAME
+    if folder.is_dir() and folder.stat().st_mode & 0o005 != 0o005:  # converted by an older version: private
+        try:
+            folder.chmod(0o755)
+        except OSError:
+            pass
 
 
-def run_job(job: dict) -> dict:
-    """Run `autograder.execute` for one submission in its own process group, killed if it overruns."""
-    path = Path(job["folder"]) / "job.json"
-    path.write_text(json.dumps(job))
-    proc = subprocess.Popen([sys.executable, "-m", "autograder.execute", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=job["notebook_timeout"] + 180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return {"error": "the grading process overran its time and was stopped", "flags": [], "notes": []}
-    result_file = Path(job["result"])
-    if not result_file.exists():
-        return {"error": f"the grading process failed (exit {proc.returncode}): {log.decode(errors='replace')[-400:]}",
-                "flags": [], "notes": []}
-    return json.loads(result_file.read_text())
+class Workers:
+    """``n`` long-lived `autograder.worker` processes; a job that kills or hangs one costs only itself."""
+
+    def __init__(self, n: int, job_timeout: float):
+        self.n, self.job_timeout = max(1, n), job_timeout
+
+    def _start(self):
+        proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+                                start_new_session=True)
+        lines: queue.Queue = queue.Queue()
+
+        def read():
+            for line in proc.stdout:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        return proc, lines
+
+    @staticmethod
+    def _stop(proc) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+
+    def run(self, jobs: list[dict], on_done) -> None:
+        todo: queue.Queue = queue.Queue()
+        for job in jobs:
+            todo.put(job)
+
+        def loop():
+            proc = lines = None
+            while True:
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    break
+                if proc is None or proc.poll() is not None:
+                    proc, lines = self._start()
+                path = str(Path(job["folder"]) / "job.json")
+                Path(path).write_text(json.dumps(job))
+                error = None
+                try:
+                    proc.stdin.write(json.dumps({"job": path}) + "\n")
+                    proc.stdin.flush()
+                    deadline = time.monotonic() + self.job_timeout
+                    while True:
+                        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                        if line is None:
+                            error = "the grading worker died"
+                            break
+                        if line.strip() == f"PEFTLAB-DONE {path}":
+                            break
+                except queue.Empty:
+                    error = "the grading process overran its time and was stopped"
+                except (BrokenPipeError, OSError):
+                    error = "the grading worker died"
+                if error:
+                    self._stop(proc)
+                    proc = None
+                on_done(job, error)
+            if proc is not None:
+                proc.stdin.close()
+                self._stop(proc)
+
+        threads = [threading.Thread(target=loop) for _ in range(min(self.n, len(jobs)))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def scores(root: Path, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float, float]]:
@@ -246,7 +409,7 @@ def _progress(total: int):
 
 def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell_timeout: int = 120,
           notebook_timeout: int = 900, memory_gb: float = 4.0, use_sandbox: bool = True,
-          progress: bool = True) -> list[Submission]:
+          progress: bool = True, expose: list[str] | None = None, max_procs: int = 64) -> list[Submission]:
     root = course_root()
     names = assignments(root)
     if only:
@@ -259,33 +422,43 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
     work = Path(tempfile.mkdtemp(prefix="peftlab-grade-"))
     run_notes = []
     try:
+        broken: dict[str, str] = {}
         if inputs.is_file() and zipfile.is_zipfile(inputs):
             folder = work / "unzipped"
-            run_notes += extract_zip(inputs, folder)
+            folder.mkdir()
+            zip_notes, broken = extract_zip(inputs, folder)
+            run_notes += zip_notes
         elif inputs.is_dir():
             folder = inputs
         else:
             raise SystemExit(f"{inputs} is neither a folder nor a zip file")
 
         solutions = {name: nbformat.read(root / "solutions" / name / f"{name}.ipynb", as_version=4) for name in names}
-        submissions, notes = discover(folder, names, solutions)
+        submissions, skipped, notes = discover(folder, names, solutions, broken)
         run_notes += notes
         if not submissions:
             print("no submissions found", file=sys.stderr)
-            return []
+            write_report(root, skipped, run_notes, time.monotonic() - start, workers, False)
+            return skipped
         sources = {name: (solutions[name], release_of(root, name)) for name in sorted({s.assignment for s in submissions})}
         use_sandbox = use_sandbox and sandbox.available()
         if not use_sandbox:
             run_notes.append("SANDBOX OFF: student code can use the network and read any file this user can "
                              "(solutions, gradebook); only time and memory limits apply")
 
-        jobs, executed = {}, {}
+        jobs, executed, by_job = [], {}, {}
         for sub in submissions:
+            source, release = sources[sub.assignment]
             originals = root / "autograder" / "originals" / sub.student / sub.assignment
             shutil.rmtree(originals, ignore_errors=True)
             originals.mkdir(parents=True)
-            shutil.copy2(sub.file, originals / Path(sub.file).name)
-            source, release = sources[sub.assignment]
+            if sub.status == "failed":  # an archive entry that could not be read
+                executed[sub] = _unreadable(release, sub.reason)
+                continue
+            try:
+                shutil.copyfile(sub.file, originals / Path(sub.file).name, follow_symlinks=False)
+            except OSError:
+                pass
             try:
                 prepared = prep.prepare(Path(sub.file), source, release)
             except Exception as exc:  # noqa: BLE001 - a submission we failed to understand is reported
@@ -296,36 +469,46 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                 sub.status, sub.reason = "failed", prepared.reason
                 executed[sub] = _unreadable(release, prepared.reason)
                 continue
-            job_dir = work / "jobs" / f"{sub.student}--{sub.assignment}"
+            job_dir = work / "jobs" / f"job-{len(jobs):05d}"
             job_dir.mkdir(parents=True)
+            job_dir.chmod(0o700)
             nbformat.write(prepared.notebook, job_dir / "grading.ipynb")
-            hide, expose = _sandbox_paths(root, folder, work, job_dir)
-            jobs[sub] = {"folder": str(job_dir), "notebook": str(job_dir / "grading.ipynb"),
-                         "output": str(job_dir / "executed.ipynb"), "result": str(job_dir / "result.json"),
-                         "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout,
-                         "memory_mb": int(memory_gb * 1024), "sandbox": use_sandbox, "hide": hide, "expose": expose,
-                         "threads": max(1, (os.cpu_count() or 2) // max(workers, 1))}
+            job = {"folder": str(job_dir), "notebook": str(job_dir / "grading.ipynb"),
+                   "output": str(job_dir / "executed.ipynb"), "result": str(job_dir / "result.json"),
+                   "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout,
+                   "memory_mb": int(memory_gb * 1024), "sandbox": use_sandbox, "expose": list(expose or []),
+                   "max_procs": max_procs, "student_names": prep.student_names(source),
+                   "threads": max(1, (os.cpu_count() or 2) // max(workers, 1))}
+            jobs.append(job)
+            by_job[job["folder"]] = sub
 
+        _convert_models_once()
         bar = _progress(len(jobs)) if progress else None
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(run_job, job): sub for sub, job in jobs.items()}
-            for future in concurrent.futures.as_completed(futures):
-                sub = futures[future]
+        lock = threading.Lock()
+
+        def done(job, error):
+            sub = by_job[job["folder"]]
+            result = {}
+            if not error:
                 try:
-                    result = future.result()
-                except Exception as exc:  # noqa: BLE001
-                    result = {"error": f"{type(exc).__name__}: {exc}", "flags": [], "notes": []}
+                    result = json.loads(Path(job["result"]).read_text())
+                except (OSError, ValueError):
+                    error = "the grading process left no result"
+            error = error or result.get("error")
+            with lock:
                 sub.flags += result.get("flags", [])
                 sub.notes += result.get("notes", [])
                 sub.seconds = result.get("seconds", 0.0)
-                output = Path(jobs[sub]["output"])
-                if result.get("error") or not output.exists():
-                    sub.status, sub.reason = "failed", result.get("error", "no output")
+                output = Path(job["output"])
+                if error or not output.exists():
+                    sub.status, sub.reason = "failed", error or "no output"
                     executed[sub] = _unreadable(sources[sub.assignment][1], sub.reason)
                 else:
                     executed[sub] = nbformat.read(output, as_version=4)
                 if bar is not None:
                     bar.update(1)
+
+        Workers(workers, notebook_timeout + 240).run(jobs, done)
         if bar is not None:
             bar.close()
 
@@ -342,10 +525,10 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             nbformat.write(nb, target / f"{sub.assignment}.ipynb")
         for name in sorted({s.assignment for s in submissions}):
             students = [s for s in submissions if s.assignment == name]
-            done = _nbgrader(root, "autograde", name, "--force", "--Execute.enabled=False",
-                             "--ClearOutput.enabled=False", "--Autograde.create_student=True")
-            if done.returncode != 0:
-                run_notes.append(f"nbgrader autograde {name} reported problems:\n{done.stderr[-2000:]}")
+            done_ = _nbgrader(root, "autograde", name, "--force", "--Execute.enabled=False",
+                              "--ClearOutput.enabled=False", "--Autograde.create_student=True")
+            if done_.returncode != 0:
+                run_notes.append(f"nbgrader autograde {name} reported problems:\n{done_.stderr[-2000:]}")
             fb = _nbgrader(root, "generate_feedback", name, "--force")
             if fb.returncode != 0:
                 run_notes.append(f"nbgrader generate_feedback {name} reported problems:\n{fb.stderr[-2000:]}")
@@ -358,8 +541,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                 else:
                     s.status, s.reason = "failed", s.reason or "nbgrader could not score it"
         _nbgrader(root, "export", "--to", str(root / "autograder" / "grades.csv"))
-        write_report(root, submissions, run_notes, time.monotonic() - start, workers, use_sandbox)
-        return submissions
+        write_report(root, submissions + skipped, run_notes, time.monotonic() - start, workers, use_sandbox)
+        return submissions + skipped
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -370,23 +553,28 @@ def write_report(root: Path, submissions: list[Submission], run_notes: list[str]
     reports.mkdir(parents=True, exist_ok=True)
     with open(reports / "report.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["student", "assignment", "status", "score", "max_score", "flags", "notes", "reason", "file"])
+        writer.writerow(["student", "name", "assignment", "status", "score", "max_score", "flags", "notes", "reason",
+                         "file"])
         for s in submissions:
-            writer.writerow([s.student, s.assignment, s.status, s.score, s.max_score, " | ".join(s.flags),
+            writer.writerow([s.student, s.name, s.assignment, s.status, s.score, s.max_score, " | ".join(s.flags),
                              " | ".join(s.notes), s.reason, s.file])
     (reports / "report.json").write_text(json.dumps(
         {"seconds": seconds, "workers": workers, "sandbox": sandboxed, "notes": run_notes,
-         "submissions": [asdict(s) for s in submissions]}, indent=1))
+         "submissions": [asdict(s) for s in submissions if s.status != "skipped"],
+         "skipped": [asdict(s) for s in submissions if s.status == "skipped"]}, indent=1))
     stamp = time.strftime("%Y%m%d-%H%M%S")  # report.* describe the latest run; each run is also kept
     for suffix in ("csv", "json"):
         shutil.copy2(reports / f"report.{suffix}", reports / f"report-{stamp}.{suffix}")
     graded = sum(s.status == "graded" for s in submissions)
     failed = sum(s.status == "failed" for s in submissions)
-    flagged = sum(bool(s.flags) for s in submissions)
-    print(f"\n{len(submissions)} submissions in {seconds:.0f} s with {workers} workers: {graded} graded, "
-          f"{failed} failed, {flagged} flagged for review (sandbox {'on' if sandboxed else 'OFF'})")
+    skipped = sum(s.status == "skipped" for s in submissions)
+    flagged = sum(bool(s.flags) for s in submissions if s.status != "skipped")
+    print(f"\n{len(submissions) - skipped} submissions in {seconds:.0f} s with {workers} workers: {graded} graded, "
+          f"{failed} failed, {flagged} flagged for review, {skipped} files skipped (sandbox {'on' if sandboxed else 'OFF'})")
     for s in submissions:
-        if s.status == "failed" or s.flags:
+        if s.status == "skipped":
+            print(f"  skipped {s.file}: {s.reason}")
+        elif s.status == "failed" or s.flags:
             detail = s.reason if s.status == "failed" else "; ".join(s.flags)
             print(f"  {s.student} / {s.assignment}: {s.status}, {s.score if s.score is not None else '-'} points: {detail[:300]}")
     for note in run_notes:
@@ -400,15 +588,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("submissions", type=Path, help="a folder or .zip of submitted notebooks")
     parser.add_argument("--assignment", action="append", help="grade only this assignment (repeatable)")
     parser.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1), help="parallel notebooks")
-    parser.add_argument("--cell-timeout", type=int, default=120, help="seconds one cell may run")
+    parser.add_argument("--cell-timeout", type=int, default=120, help="CPU seconds one cell may use")
     parser.add_argument("--notebook-timeout", type=int, default=900, help="seconds one notebook may run")
-    parser.add_argument("--memory-gb", type=float, default=4.0, help="memory limit of one notebook's kernel")
+    parser.add_argument("--memory-gb", type=float, default=4.0, help="memory limit of one notebook's kernel (all its processes)")
+    parser.add_argument("--max-procs", type=int, default=64, help="processes one notebook's kernel may start")
+    parser.add_argument("--expose", action="append", default=[], help="an extra path kernels may read (repeatable)")
     parser.add_argument("--no-sandbox", action="store_true", help="run kernels without the namespace sandbox")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     grade(args.submissions, workers=args.workers, only=args.assignment, cell_timeout=args.cell_timeout,
           notebook_timeout=args.notebook_timeout, memory_gb=args.memory_gb, use_sandbox=not args.no_sandbox,
-          progress=not args.quiet)
+          progress=not args.quiet, expose=args.expose, max_procs=args.max_procs)
     return 0
 
 

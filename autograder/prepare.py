@@ -1,7 +1,8 @@
 """Turn one submitted file into the notebook the grader runs, and say what was wrong with it.
 
 The graded notebook is rebuilt from the instructor's source: every locked cell and every test (with
-its hidden part) comes from `solutions/`, every answer from the student. So a locked cell the student
+its hidden part) comes from `solutions/`, every answer from the student. It is written where the
+student's kernel cannot see it; the kernel only ever receives cells one at a time (`autograder.execute`). So a locked cell the student
 edited, a test cell replaced by `pass` or deleted, or cells moved around are all graded as the
 instructor wrote them, and reported. Matching uses nbgrader's cell metadata; when a platform such
 as Google Colab dropped it, cells are matched by their content and position against the release.
@@ -11,31 +12,42 @@ Nothing here executes student code.
 
 from __future__ import annotations
 
+import bisect
 import copy
+import html
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell
 
-from autograder import guard
+from autograder.judge import bound_names
 
 MAX_BYTES = 200 * 1024 * 1024  # larger files are refused unread
 
 # Code a person should read: it reaches outside the notebook or into the grader's machinery.
 SUSPICIOUS = {
     "network": r"\bsocket\b|urllib|requests\.|http\.client|httpx|aiohttp",
-    "processes": r"subprocess|os\.system|os\.popen|os\.exec|os\.fork|pty\.",
+    "processes": r"subprocess|os\.system|os\.popen|os\.exec|os\.fork|os\.spawn|pty\.|multiprocessing",
     "exits the kernel": r"os\._exit|sys\.exit|\bexit\(|\bquit\(|os\.kill",
-    "reads grading files": r"solutions|gradebook|autograder|submitted|\.ipynb",
+    "reads grading files": r"solutions|gradebook|autograder|submitted|\.ipynb|\bIn\[|_ih\b|\bOut\[|history_manager",
     "grader machinery": r"get_ipython|__builtins__|\bbuiltins\b|sys\.modules|showtraceback|ctypes|\bgc\.|inspect\.stack"
-                        r"|sys\._getframe|signal\.|setattr\(\s*(torch|math|np|peftlab)",
-    "rebinds test helpers": r"^\s*(torch\.\w+|math\.\w+|assert_close|expect_error|float_tensors|param_count|"
-                            r"[a-z_]*reference\w*|peft_\w+)\s*=",
+                        r"|sys\._getframe|signal\.|settrace|setprofile|sys\.monitoring|input_transformers|ast_transformers"
+                        r"|events\.register|set_custom_exc|display_pub|publish_display_data|peftlab\.probe|__import__"
+                        r"|setattr\(\s*(torch|math|np|peftlab|random|transformers|peft)",
+    "rebinds test helpers": r"^\s*((torch|math|random|np|numpy|transformers|peft|peftlab|bnb|bitsandbytes)(\.\w+)+"
+                            r"|assert_close|expect_error|observe|raised|float_tensors|[a-z_]*reference\w*|peft_\w+|abs|sum|len"
+                            r"|isinstance|type|print|setattr|getattr|int|float|str|bool|round|min|max|sorted)\s*=",
+    "uses the tests' reference code": r"peftlab\.reference|peftlab\.quant\s+import[^\n]*\b(bnb_\w+|nf4_table)"
+                                      r"|\b(peft_\w+|real_param_count|bnb_nf4|bnb_storage_bits|nf4_table|meta_model)\s*\(",
+    "writes outside the notebook": r"\.pth\b|site-packages|getsitepackages|sys\.prefix|peftlab/|\.venv|checks\.py",
+    "answers that pose as plain data": r"class\s+\w+\s*\(\s*(int|float|str|bool|tuple|list|dict|torch\.Tensor|Tensor)\s*[,)]"
+                                       r"|def\s+__(eq|ne|lt|le|gt|ge|hash|bool|float|int|index|torch_function|instancecheck)__",
 }
-
 
 @dataclass
 class Prepared:
@@ -80,30 +92,48 @@ def read_submission(path: Path) -> tuple[nbformat.NotebookNode | None, str, list
     """Parse a file as a notebook (any nbformat version, upgraded to 4): ``(notebook, reason, notes)``."""
     notes = []
     try:
-        size = path.stat().st_size
+        info = os.lstat(path)
     except OSError as exc:
-        return None, f"cannot read the file: {exc}", notes
-    if size > MAX_BYTES:
-        return None, f"file too large ({size / 1e6:,.0f} MB; limit {MAX_BYTES / 1e6:,.0f} MB)", notes
-    if size == 0:
+        return None, f"cannot read the file: {exc.strerror}", notes
+    if stat.S_ISLNK(info.st_mode):
+        return None, "a symbolic link, not a file (links are not followed)", notes
+    if not stat.S_ISREG(info.st_mode):
+        return None, "not a regular file" + (" (a folder named like a notebook)" if stat.S_ISDIR(info.st_mode) else ""), notes
+    if info.st_size > MAX_BYTES:
+        return None, f"file too large ({info.st_size / 1e6:,.0f} MB; limit {MAX_BYTES / 1e6:,.0f} MB)", notes
+    if info.st_size == 0:
         return None, "empty file (0 bytes)", notes
     try:
-        data = json.loads(path.read_bytes())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        return None, f"cannot read the file: {exc.strerror}", notes
+    try:
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"not valid JSON, so not a readable notebook (truncated or corrupted?): {str(exc)[:120]}", notes
+    except RecursionError:
+        return None, "not a readable notebook: its JSON is nested too deeply", notes
     if not isinstance(data, dict) or not ("cells" in data or "worksheets" in data):
         return None, "valid JSON but not a Jupyter notebook (no cells)", notes
     version = data.get("nbformat")
     try:
         nb = nbformat.reads(json.dumps(data), as_version=4)
+    except RecursionError:
+        return None, "not a readable notebook: its JSON is nested too deeply", notes
     except Exception as exc:  # noqa: BLE001 - any parse failure is the submission's, reported
         return None, f"not a notebook nbformat can read: {str(exc)[:160]}", notes
+    if not isinstance(getattr(nb, "cells", None), list):
+        return None, "not a notebook nbformat can read: no list of cells", notes
     if version != 4:
         notes.append(f"converted from nbformat {version} to 4")
-    cells = [c for c in nb.cells if isinstance(c, dict) and "cell_type" in c]
+    cells = [c for c in nb.cells if isinstance(c, dict) and c.get("cell_type") in ("code", "markdown", "raw")]
     for cell in cells:
-        cell.setdefault("metadata", {})
-        cell["source"] = "".join(cell.get("source", "")) if isinstance(cell.get("source"), list) else str(cell.get("source", ""))
+        if not isinstance(cell.get("metadata"), dict):
+            cell["metadata"] = {}
+        source = cell.get("source", "")
+        cell["source"] = "".join(str(s) for s in source) if isinstance(source, list) else str(source)
         if cell.get("outputs"):
             cell["outputs"] = []  # outputs are never graded; a huge one is simply dropped
     nb.cells = cells
@@ -154,16 +184,18 @@ def _match(source, release, sub) -> tuple[dict[int, int], list[str], list[str]]:
             used.add(candidates[0])
             repaired += colab and _kind(cell) in ("test", "locked")
     if colab:  # answers: the unclaimed cell of the right type between the neighbouring matched cells
+        anchors = {i: j for i, j in match.items()}  # matched before any answer is placed
+        keys = sorted(anchors)
         for i, cell in enumerate(source):
             if _kind(cell) != "answer" or i in match:
                 continue
-            before = [match[k] for k in match if k < i]
-            after = [match[k] for k in match if k > i]
-            lo, hi = max(before, default=-1), min(after, default=len(sub))
-            candidates = [j for j in range(lo + 1, hi) if free(j) and sub[j].cell_type == cell.cell_type]
-            if candidates:
-                match[i] = candidates[0]
-                used.add(candidates[0])
+            k = bisect.bisect_left(keys, i)
+            lo = max((anchors[x] for x in keys[:k]), default=-1) if k else -1
+            hi = min((anchors[x] for x in keys[k:]), default=len(sub))
+            j = next((j for j in range(lo + 1, hi) if free(j) and sub[j].cell_type == cell.cell_type), None)
+            if j is not None:
+                match[i] = j
+                used.add(j)
                 repaired += 1
         notes.append(f"restored nbgrader metadata of {repaired} cells")
     return match, flags, notes
@@ -218,31 +250,37 @@ def prepare(path: Path, source_nb, release_nb, name: str = "") -> Prepared:
     return result
 
 
+_SCRIPT_URL = re.compile(r"(?i)\b(j\s*a\s*v\s*a\s*s\s*c\s*r\s*i\s*p\s*t|v\s*b\s*s\s*c\s*r\s*i\s*p\s*t)\s*:")
+
+
+def inert_markdown(text: str) -> str:
+    """A student's Markdown with its HTML shown as text and script links disarmed, so that rendering
+    it (feedback pages, the formgrader) runs nothing in anyone's browser."""
+    return _SCRIPT_URL.sub(lambda m: m.group(1) + "-blocked:", html.escape(text, quote=False))
+
+
 def _build(source_nb, release, sub, match, extras):
     """The grading notebook: the source's cells in order, the student's answers in the answer cells,
-    the student's own code cells after the cell they followed, demos left out, guard cells added."""
+    the student's own code cells after the cell they followed, demos left out."""
     source = source_nb.cells
     inverse = {j: i for i, j in match.items()}
     anchored: dict[int, list[int]] = {}
-    for j in extras:
-        previous = [inverse[k] for k in range(j) if k in inverse]
-        anchored.setdefault(max(previous, default=-1), []).append(j)
+    extra = set(extras)
+    last = -1  # the latest source cell matched so far, in the submission's order: one pass
+    for j in range(len(sub)):
+        if j in inverse:
+            last = max(last, inverse[j])
+        elif j in extra:
+            anchored.setdefault(last, []).append(j)
     imports = next((i for i, c in enumerate(source) if c.get("id") == "imports"), None)
     if imports is None:
         imports = next((i for i, c in enumerate(source) if _kind(c) == "locked" and c.cell_type == "code"), 0)
-    locked_code = [c.source for c in source if c.cell_type == "code" and _kind(c) == "locked" and c.get("id") != "setup"]
 
-    cells, guard_count = [], 0
-
-    def add_guard(src):
-        nonlocal guard_count
-        guard_count += 1
-        cells.append(new_code_cell(src, id=f"peftlab-guard-{guard_count}", metadata={"tags": ["peftlab-guard"]}))
+    cells = []
 
     def add_extras(at):
         for j in anchored.get(at, []):
-            cell = new_code_cell(sub[j].source, id=f"student-cell-{j}", metadata={"tags": ["student-added"]})
-            cells.append(cell)
+            cells.append(new_code_cell(sub[j].source, id=f"student-cell-{j}", metadata={"tags": ["student-added"]}))
 
     for i, cell in enumerate(source):
         kind = _kind(cell)
@@ -252,16 +290,15 @@ def _build(source_nb, release, sub, match, extras):
             new = copy.deepcopy(release[i])  # the release's metadata (with nbgrader's checksum of the stub)
             if i in match:
                 new.source = sub[match[i]].source
+            if new.cell_type == "markdown":
+                new.source = inert_markdown(new.source)
             cells.append(new)
         else:
-            if kind == "test":
-                add_guard(guard.restore_source(_nbgrader(cell)["grade_id"]))
             new = copy.deepcopy(cell)
             if kind in ("test", "locked"):
                 new.metadata["nbgrader"] = copy.deepcopy(release[i].metadata.get("nbgrader", new.metadata["nbgrader"]))
             cells.append(new)
         if i == imports:
-            add_guard(guard.install_source(locked_code))
             for at in range(-1, imports + 1):
                 add_extras(at)
         elif i > imports:
@@ -269,5 +306,13 @@ def _build(source_nb, release, sub, match, extras):
     for cell in cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-    nb = nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(source_nb.metadata))
-    return nb
+    return nbformat.v4.new_notebook(cells=cells, metadata=copy.deepcopy(source_nb.metadata))
+
+
+def student_names(source_nb) -> list[str]:
+    """Names the instructor's answer cells define: the judge leaves locked cells using them to the kernel."""
+    names = set()
+    for cell in source_nb.cells:
+        if _kind(cell) == "answer" and cell.cell_type == "code":
+            names |= bound_names(cell.source)
+    return sorted(names)

@@ -66,36 +66,49 @@ def cell_errors(cell) -> list[str]:
 
 
 def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo",)) -> dict[str, BaseException | None]:
-    """Run a notebook's code cells in-process, in order, and report each test cell's outcome.
+    """Run a notebook's graded path in-process, split as the grader splits it, and report each test.
 
-    ``replace`` maps a solution cell's grade_id to other source (a student's mistake). Cells tagged
-    ``demo`` (real-model demonstrations) are skipped: graded tests never depend on them.
-    Returns grade_id -> the exception a test cell raised, or None when it passed.
+    The student's side (locked, answer and plain cells, and the ``@observe`` calls of the tests) runs
+    in one namespace, the judge's side (the tests' checks, the locked cells that do not use the
+    student's names) in another, with the hidden parts of the tests held back to the end, exactly as
+    `autograder.execute` does with a real kernel. ``replace`` maps a solution cell's grade_id to other
+    source (a student's mistake). Cells tagged ``demo`` are skipped: graded tests never depend on them.
+    Returns grade_id -> an exception describing the failure, or None when the test passed.
     """
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from autograder.judge import Judge, LocalKernel
+    from autograder.judge import used_names as judge_names
+    from autograder.prepare import student_names
+
     replace = dict(replace or {})
-    namespace: dict = {"__name__": "__main__"}
-    outcomes: dict[str, BaseException | None] = {}
+    kernel = LocalKernel()
+    student = set(student_names(nb))
+    judge = Judge(kernel.send, student)
     for cell in nb.cells:
         if cell["cell_type"] != "code" or set(skip_tags) & set(cell.get("metadata", {}).get("tags", [])):
             continue
         grade_id = nbgrader_meta(cell).get("grade_id")
         source = replace.pop(grade_id, cell["source"]) if grade_id else cell["source"]
+        if is_test_cell(cell):
+            judge.test(grade_id, source)
+            continue
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                exec(compile(source, f"<cell {grade_id or cell.get('id')}>", "exec"), namespace)
-        except Exception as exc:  # noqa: BLE001 - every failure is an outcome to report
-            if not is_test_cell(cell):
-                raise RuntimeError(f"non-test cell {grade_id or cell.get('id')} failed: {exc!r}") from exc
-            outcomes[grade_id] = exc
-        else:
-            if is_test_cell(cell):
-                outcomes[grade_id] = None
+                kernel.run(source, f"<cell {grade_id or cell.get('id')}>")
+        except Exception as exc:  # noqa: BLE001 - a student's cell (or one using it) may fail; the tests say so
+            if nbgrader_meta(cell).get("locked") and not set(student) & judge_names(source):
+                raise RuntimeError(f"locked cell {grade_id or cell.get('id')} failed: {exc!r}") from exc
+        if nbgrader_meta(cell).get("locked") and cell.get("id") != "setup":
+            judge.locked(source)
+    verdicts = judge.finish()
     import matplotlib.pyplot as plt
 
     plt.close("all")
     if replace:
         raise KeyError(f"no solution cells named {sorted(replace)}")
-    return outcomes
+    return {gid: None if v.passed else AssertionError(f"{v.ename}: {v.evalue}") for gid, v in verdicts.items()}
 
 
 def isolated_env(home: Path, cache: Path) -> dict[str, str]:
@@ -151,7 +164,7 @@ def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = No
         return run_graded_path(notebook(), {grade_id: source.replace(old, new)})
 
     def summary(outcomes):
-        return {k: type(v).__name__ if v else "pass" for k, v in outcomes.items()}
+        return {k: str(v)[:300] if v else "pass" for k, v in outcomes.items()}
 
     def test_solution_passes_the_graded_path():
         outcomes = run_graded_path(notebook())

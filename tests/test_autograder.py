@@ -1,13 +1,17 @@
 """The instructor's grading command against a class of broken, Colab-rewritten and hostile submissions.
 
-One grading run (notebook 01, two workers) over twenty kinds of submission; each test then checks
-one submission's automatic score and flags. Scores are derived from notebook 01's points: 14
-automatic points in all; `training_memory_bytes` 3, the compute section 4, `llama_param_count` 3,
-the quiz 4.
+One grading run (notebook 01, two workers) over more than forty kinds of submission, from one zip
+export; each test then checks one submission's automatic score and flags. Scores are derived from
+notebook 01's points: 14 automatic points in all; `training_memory_bytes` 3, the compute section 4,
+`llama_param_count` 3, the quiz 4. The attacks are the classes a determined student (or a careless
+export) tries: answers that pose as plain data, IPython hooks, tracing, replaced grader machinery,
+shadowed builtins and libraries, reading and writing what the sandbox should hide, resource
+exhaustion, leaking hidden tests, script in outputs, and files no grader should choke on.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -32,6 +36,7 @@ from autograder.feedback import failing_line, hidden_lines  # noqa: E402
 NAME = "01_memory_math"
 FULL = 14
 SANDBOX = sandbox.available()
+MEMORY_FN = "training_memory_bytes"
 
 
 def _answers() -> dict[str, str]:
@@ -107,96 +112,380 @@ def _huge_stored_output(nb):
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="x" * 30_000_000)]
 
 
-MONKEYPATCH = '''
-import builtins, torch
-from peftlab import checks
-checks.assert_close = lambda *a, **k: None
-torch.allclose = lambda *a, **k: True
-assert_close = lambda *a, **k: None
-get_ipython().showtraceback = lambda *a, **k: None
+def _script_in_markdown(nb):
+    nb.cells[index(nb, "reflection_24gb")].source = (
+        "QLoRA fits. <script>window.stolen = 'SCRIPT-IN-MARKDOWN'</script> "
+        "[see here](javascript:alert('LINK-SCRIPT')) <img src=x onerror=\"alert('IMG-ERROR')\">")
+
+
+def _add_cell(source: str, after: str = "quiz_answers"):
+    def edit(nb):
+        nb.cells.insert(index(nb, after) + 1, nbformat.v4.new_code_cell(source))
+    return edit
+
+
+def with_memory(body: str) -> dict:
+    """Answers where training_memory_bytes is replaced by ``body`` (the rest stays correct)."""
+    return {MEMORY_FN: body}
+
+
+WRONG_MEMORY = ("def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):\n"
+                "    return 0\n")
+
+ALWAYS_EQUAL_INT = '''
+class Count(int):
+    def __eq__(self, other):
+        return True
+    __ne__ = lambda self, other: False
+    __hash__ = int.__hash__
+    def __le__(self, other): return True
+    def __ge__(self, other): return True
+
 def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
-    return 0
+    return Count(0)
+'''
+
+ALWAYS_EQUAL_STR = '''
+class Letter(str):
+    def __eq__(self, other):
+        return True
+    __hash__ = str.__hash__
+q1_answer, q2_answer, q3_answer, q4_answer = Letter("z"), 112, 0.001, "b"
+'''
+
+TENSOR_FLOPS = '''
+import torch
+class Agreeable(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return True
+def training_flops(n_params, n_tokens):
+    return torch.tensor(0.0).as_subclass(Agreeable)
+def seconds_per_batch(n_params, batch_size, seq_len, flops_per_second):
+    if flops_per_second <= 0:
+        raise ValueError("throughput must be positive")
+    return training_flops(n_params, batch_size * seq_len)
+def training_energy_kwh(n_params, n_tokens, kwh_per_1e18_flops=0.1):
+    return training_flops(n_params, n_tokens)
+'''
+
+INPUT_TRANSFORMER = '''
+ip = get_ipython()
+ip.input_transformers_post.append(lambda lines: [line.replace("assert ", "pass  # ") for line in lines])
+''' + WRONG_MEMORY
+
+AST_TRANSFORMER = '''
+import ast
+class NoAsserts(ast.NodeTransformer):
+    def visit_Assert(self, node):
+        return ast.Pass()
+get_ipython().ast_transformers.append(NoAsserts())
+''' + WRONG_MEMORY
+
+RUN_CELL_HOOKS = '''
+def clear_errors(result):
+    result.error_in_exec = None
+    result.error_before_exec = None
+get_ipython().events.register("post_run_cell", clear_errors)
+get_ipython().events.register("pre_run_cell", lambda info: None)
+''' + WRONG_MEMORY
+
+CUSTOM_EXC = '''
+get_ipython().set_custom_exc((BaseException,), lambda shell, etype, evalue, tb, tb_offset=None: None)
+''' + WRONG_MEMORY
+
+SETTRACE = '''
+import sys
+def tracer(frame, event, arg):
+    if event == "return" and frame.f_code.co_name in ("call_report", "encode", "dumps"):
+        pass
+    return tracer
+sys.settrace(tracer)
+sys.setprofile(lambda frame, event, arg: None)
+''' + WRONG_MEMORY
+
+REPLACE_PROBE = '''
+import peftlab.probe
+peftlab.probe.run = lambda source, name, arguments: None
+''' + WRONG_MEMORY
+
+MALFORMED_REPORT = '''
+import peftlab.probe
+from IPython.display import publish_display_data
+peftlab.probe.run = lambda source, name, arguments: publish_display_data({peftlab.probe.MIME: '{"ok": true'})
+''' + WRONG_MEMORY
+
+TRUE_FOR_EVERYTHING = '''
+import sys, types
+from IPython.display import publish_display_data
+fake = types.ModuleType("peftlab.probe")
+fake.run = lambda source, name, arguments: publish_display_data(
+    {"application/vnd.peftlab.probe+json": '{"ok": true, "value": true}'})
+sys.modules["peftlab.probe"] = fake
+''' + WRONG_MEMORY
+
+SILENCE_DISPLAY = '''
+get_ipython().display_pub.publish = lambda *args, **kwargs: None
+''' + WRONG_MEMORY
+
+SHADOW_BUILTINS = '''
+import builtins
+sum = lambda *args, **kwargs: 0
+abs = lambda value: 0
+isinstance = lambda *args: True
+print = lambda *args, **kwargs: None
+builtins.sum = sum
+'''
+
+PATCH_LIBRARIES = '''
+import random, transformers, torch
+transformers.LlamaForCausalLM.num_parameters = lambda self, *a, **k: 0
+random.Random = lambda *args: None
+torch.allclose = lambda *a, **k: True
+'''
+
+OWN_OBSERVE = '''
+def observe(*args):
+    return lambda function: {"175B": 2.1e12}
+assert_close = lambda *a, **k: None
+expect_error = lambda *a, **k: None
+''' + WRONG_MEMORY
+
+PRINT_HISTORY = '''
+print("HISTORY-START")
+for entry in In:
+    print(entry)
+print(_ih[-3:] if "_ih" in dir() else "")
+'''
+
+HOOK_PRINTS_CELLS = '''
+get_ipython().events.register("pre_run_cell", lambda info: print("CELL-SEEN:", info.raw_cell))
 '''
 
 STEAL = '''
-import glob, json
-found = glob.glob("{root}/solutions/**/01_memory_math.ipynb", recursive=True)
+import glob, json, os
+targets = ["{root}/solutions", "{repo}/solutions", "{repo}/autograder", "{zip}"]
+seen = {{t: os.path.exists(t) for t in targets}}
+found = [p for top in ("{root}", "{repo}", "/tmp", "/home", "/root")
+         for p in glob.glob(top + "/**/01_memory_math.ipynb", recursive=True)]
 for path in found:
-    for cell in json.load(open(path))["cells"]:
-        if cell["metadata"].get("nbgrader", {{}}).get("grade_id") == "training_memory_bytes":
-            exec("".join(cell["source"]))
-if not found:
-    raise FileNotFoundError("no solutions to copy")
+    try:
+        for cell in json.load(open(path))["cells"]:
+            if cell["metadata"].get("nbgrader", {{}}).get("grade_id") == "training_memory_bytes":
+                exec("".join(cell["source"]))
+    except Exception:
+        pass
+print("SEEN", seen, "FOUND", found)
+'''
+
+WRITE_OUTSIDE = '''
+import os, site, sys
+written = []
+for folder in site.getsitepackages() + [os.path.dirname(__import__("peftlab").__file__), sys.prefix, "{repo}"]:
+    try:
+        with open(os.path.join(folder, "evil.pth"), "w") as f:
+            f.write("import os; os.system('touch /tmp/owned')\\n")
+        written.append(folder)
+    except OSError:
+        pass
+try:
+    with open(os.path.join(os.path.dirname(__import__("peftlab").checks.__file__), "checks.py"), "a") as f:
+        f.write("\\nassert_close = lambda *a, **k: None\\n")
+    written.append("checks.py")
+except OSError:
+    pass
+print("WROTE", written)
 '''
 
 LEAK = '''
 import socket
-try:
-    with socket.create_connection(("127.0.0.1", {port}), timeout=3) as connection:
-        connection.sendall(b"leaked answers")
-except OSError:
+for family, address in [(socket.AF_INET, ("127.0.0.1", {port})), (socket.AF_UNIX, "{unix}"), (socket.AF_UNIX, "\\0{abstract}")]:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as connection:
+            connection.settimeout(3)
+            connection.connect(address)
+            connection.sendall(b"leaked answers")
+    except OSError:
+        pass
+'''
+
+SCRIPT_OUTPUT = '''
+from IPython.display import HTML, Javascript, SVG, display
+display(HTML("<script>window.stolen = 'SCRIPT-IN-HTML'</script><b>bold</b>"))
+display(Javascript("window.stolen = 'SCRIPT-IN-JS'"))
+display(SVG('<svg xmlns="http://www.w3.org/2000/svg"><script>alert("SCRIPT-IN-SVG")</script></svg>'))
+'''
+
+MEMORY_TREE = '''
+import subprocess, sys, time
+hogs = [subprocess.Popen([sys.executable, "-c", "b = b'x' * 1_100_000_000; import time; time.sleep(120)"]) for _ in range(3)]
+time.sleep(60)
+'''
+
+FORK_BOMB = '''
+import os
+while True:
+    os.fork()
+'''
+
+IGNORES_INTERRUPT = '''
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while True:
     pass
+'''
+
+SLEEPS = '''
+import time
+time.sleep(12)  # waiting is not computing: a CPU-time limit of 10 s does not count it
+'''
+
+ORACLE = '''
+def llama_param_count(config):
+    from peftlab.reference import meta_model
+    return sum(p.numel() for p in meta_model(config).parameters())
 '''
 
 
 class Listener:
-    """A TCP server on 127.0.0.1 that records whatever reaches it."""
+    """A TCP server on 127.0.0.1, a Unix socket in a folder and an abstract Unix socket, recording
+    whatever reaches them."""
 
-    def __init__(self):
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen()
-        self.port = self.server.getsockname()[1]
+    def __init__(self, folder: Path):
+        self.port_server = socket.socket()
+        self.port_server.bind(("127.0.0.1", 0))
+        self.port = self.port_server.getsockname()[1]
+        self.unix = str(folder / "listener.sock")
+        self.unix_server = socket.socket(socket.AF_UNIX)
+        self.unix_server.bind(self.unix)
+        self.abstract = f"peftlab-test-{uuid.uuid4().hex[:8]}"
+        self.abstract_server = socket.socket(socket.AF_UNIX)
+        self.abstract_server.bind("\0" + self.abstract)
         self.received = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        for server in (self.port_server, self.unix_server, self.abstract_server):
+            server.listen()
+            threading.Thread(target=self._serve, args=(server,), daemon=True).start()
 
-    def _serve(self):
+    def _serve(self, server):
         while True:
             try:
-                connection, _ = self.server.accept()
+                connection, _ = server.accept()
             except OSError:
                 return
             with connection:
                 self.received.append(connection.recv(1000))
 
     def close(self):
-        self.server.close()
+        for server in (self.port_server, self.unix_server, self.abstract_server):
+            server.close()
+
+
+def nested_json(depth: int = 100_000) -> str:
+    return "[" * depth + "]" * depth
 
 
 # name -> (how the file is made, automatic points expected, flag expected (regex) or None)
-def cases(root: Path, port: int) -> dict:
-    memory = _answers()["training_memory_bytes"]
+def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
+    memory = _answers()[MEMORY_FN]
+    a = _answers()
+    sandboxed = SANDBOX
     return {
+        # honest work, in the shapes platforms deliver it
         "honest": (student(), FULL, None),
+        "colab_rewrite": (student(_colab), FULL, None),
+        "nbformat_v3": (lambda: nbformat.writes(nbformat.convert(student(), 3), version=3), FULL, None),
+        "huge_stored_output": (student(_huge_stored_output), FULL, None),
+        "huge_printed_output": (student(answers={"quiz_answers": "print('y' * 3_000_000)\n" + a["quiz_answers"]}), FULL, None),
+        "slow_but_sleeping": (student(_add_cell(SLEEPS)), FULL, None),
+        # broken files
         "invalid_json": ("{ this is not json", 0, None),
         "truncated": (lambda: nbformat.writes(student())[:5000], 0, None),
         "empty_notebook": (nbformat.v4.new_notebook(), 0, "empty notebook"),
+        "deeply_nested_json": (nested_json(), 0, None),
+        # the notebook's structure tampered with
         "test_deleted": (student(_delete("quiz_q1")), FULL, "test cell quiz_q1 was deleted"),
-        "test_replaced_by_pass": (student(_replace_test, answers={"quiz_answers": _answers()["quiz_answers"] + "\nq4_answer = 'z'"}),
+        "test_replaced_by_pass": (student(_replace_test, answers={"quiz_answers": a["quiz_answers"] + "\nq4_answer = 'z'"}),
                                   FULL - 1, "test cell quiz_q4 was modified"),
         "answer_moved_to_the_end": (student(_move_answer_to_end), FULL - 3, "answer cell llama_param_count was deleted"),
         "cells_reordered": (student(_reorder), FULL, "moved out of the release's order"),
         "answer_duplicated": (student(_duplicate), FULL - 1, "appears 2 times"),  # both copies run; the second is wrong
-        "infinite_loop": (student(answers={"training_flops": "while True:\n    pass\n" + _answers()["training_flops"]}),
-                          FULL - 4, "ran past the 10 s limit"),
+        # resources
+        "infinite_loop": (student(answers={"training_flops": "while True:\n    pass\n" + a["training_flops"]}),
+                          FULL - 4, "time limit"),
         "memory_bomb": (student(answers={"training_flops": "hoard = []\nwhile True:\n    hoard.append(bytearray(10**8))\n"
-                                                           + _answers()["training_flops"]}), FULL - 4, "memory limit"),
-        "sys_exit": (student(answers={"quiz_answers": "import sys\nsys.exit()\n" + _answers()["quiz_answers"]}),
+                                                           + a["training_flops"]}), FULL - 4, "memory limit"),
+        "memory_in_three_processes": (student(answers={"quiz_answers": MEMORY_TREE + a["quiz_answers"]}), FULL - 4,
+                                      "memory limit reached: the kernel's processes held" if sandboxed else "processes"),
+        "fork_bomb": (student(answers={"quiz_answers": FORK_BOMB + a["quiz_answers"]}), FULL - 4, r"suspicious code \(processes\)"),
+        "ignores_interrupts": (student(answers={"quiz_answers": IGNORES_INTERRUPT + a["quiz_answers"]}), FULL - 4,
+                               "stopped answering"),
+        "sys_exit": (student(answers={"quiz_answers": "import sys\nsys.exit()\n" + a["quiz_answers"]}),
                      FULL - 4, r"suspicious code \(exits the kernel\)"),
-        "os_exit": (student(answers={"quiz_answers": "import os\nos._exit(1)\n" + _answers()["quiz_answers"]}),
+        "os_exit": (student(answers={"quiz_answers": "import os\nos._exit(1)\n" + a["quiz_answers"]}),
                     FULL - 4, "kernel died"),
-        "monkeypatch": (student(answers={"training_memory_bytes": MONKEYPATCH}), FULL - 3, "test machinery changed"),
-        "reads_solutions": (student(answers={"training_memory_bytes": STEAL.format(root=root)}),
-                            FULL - 3 if SANDBOX else FULL, r"suspicious code \(reads grading files\)"),
-        "network": (student(answers={"training_memory_bytes": LEAK.format(port=port) + memory}), FULL,
-                    r"suspicious code \(network\)"),
-        "colab_rewrite": (student(_colab), FULL, None),
-        "nbformat_v3": (lambda: nbformat.writes(nbformat.convert(student(), 3), version=3), FULL, None),
-        "huge_stored_output": (student(_huge_stored_output), FULL, None),
-        "huge_printed_output": (student(answers={"quiz_answers": "print('y' * 3_000_000)\n" + _answers()["quiz_answers"]}),
-                                FULL, None),
+        # answers that pose as plain data
+        "int_equal_to_everything": (student(answers=with_memory(ALWAYS_EQUAL_INT)), FULL - 3, "posed as plain data"),
+        "str_equal_to_everything": (student(answers={"quiz_answers": ALWAYS_EQUAL_STR}), FULL - 1, "posed as plain data"),
+        "tensor_subclass_agrees": (student(answers={"training_flops": TENSOR_FLOPS}), FULL - 4, "posed as plain data"),
+        # the kernel's machinery attacked: none of it decides a verdict any more
+        "input_transformer": (student(answers=with_memory(INPUT_TRANSFORMER)), FULL - 3, "IPython input transformers"),
+        "ast_transformer": (student(answers=with_memory(AST_TRANSFORMER)), FULL - 3, "IPython AST transformers"),
+        "run_cell_hooks": (student(answers=with_memory(RUN_CELL_HOOKS)), FULL - 3, "IPython event callbacks"),
+        "custom_exception_handler": (student(answers=with_memory(CUSTOM_EXC)), FULL - 3, "custom exception handler"),
+        "settrace_and_setprofile": (student(answers=with_memory(SETTRACE)), FULL - 3, "tracing hook"),
+        "probe_replaced": (student(answers=with_memory(REPLACE_PROBE)), 0, "sent no report"),
+        "malformed_report": (student(answers=with_memory(MALFORMED_REPORT)), 0, "malformed report"),
+        "report_true_for_everything": (student(answers=with_memory(TRUE_FOR_EVERYTHING)), 0, r"suspicious code \(grader machinery\)"),
+        "display_silenced": (student(answers=with_memory(SILENCE_DISPLAY)), 0, "sent no report"),
+        "own_observe_and_helpers": (student(answers=with_memory(OWN_OBSERVE)), FULL - 3, "rebinds test helpers"),
+        "shadowed_builtins": (student(answers={"training_flops": SHADOW_BUILTINS + a["training_flops"]}), FULL,
+                              "rebinds test helpers"),
+        "patched_libraries": (student(answers={"training_flops": PATCH_LIBRARIES + a["training_flops"]}), FULL,
+                              "rebinds test helpers"),
+        "oracle_in_answer": (student(answers={"llama_param_count": ORACLE}), FULL, "reference"),
+        # leaks and reach
+        "prints_history": (student(_add_cell(PRINT_HISTORY, after="quiz_q4")), FULL, r"reads grading files"),
+        "hook_prints_every_cell": (student(answers={"quiz_answers": HOOK_PRINTS_CELLS + a["quiz_answers"]}), FULL,
+                                   "IPython event callbacks"),
+        "reads_solutions": (student(answers=with_memory(STEAL.format(root=root, repo=ROOT, zip=zip_path))),
+                            FULL - 3 if sandboxed else FULL, r"suspicious code \(reads grading files\)"),
+        "writes_environment": (student(answers={"training_flops": WRITE_OUTSIDE.format(repo=ROOT) + a["training_flops"]}),
+                               FULL, "writes outside the notebook"),
+        "network_and_sockets": (student(answers={MEMORY_FN: LEAK.format(port=listener.port, unix=listener.unix,
+                                                                      abstract=listener.abstract) + memory}),
+                                FULL, r"suspicious code \(network\)"),
+        "script_in_outputs": (student(answers={"quiz_answers": SCRIPT_OUTPUT + a["quiz_answers"]}), FULL, None),
+        "script_in_markdown": (student(_script_in_markdown), FULL, None),
+        "wrong_hidden_answer": (student(answers={"quiz_answers": a["quiz_answers"].replace("q3_answer = 0.001", "q3_answer = 0.01")}),
+                                FULL - 1, None),
     }
+
+
+# Cases that would harm the machine if they ran without the sandbox (writing the environment, reading the
+# instructor's files, exhausting processes): graded only where the sandbox is on.
+NEEDS_SANDBOX = ("writes_environment", "reads_solutions", "fork_bomb", "memory_in_three_processes", "network_and_sockets")
+
+
+def graded_cases(*args) -> dict:
+    all_cases = cases(*args)
+    return {k: v for k, v in all_cases.items() if SANDBOX or k not in NEEDS_SANDBOX}
+
+
+# Exported names that must stay separate students (name -> expected automatic points).
+NAMES = {"José": FULL, "Jose": 0, "alice bob": FULL, "alice_bob": 0, ".dotted": FULL,
+         "a" * 70 + "-one": FULL, "a" * 70 + "-two": 0}
+
+
+def _corrupt_member(archive: Path, member: str) -> None:
+    """Flip a byte inside one member's stored data, so that reading it fails its CRC check."""
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    header = info.header_offset
+    name_len, extra_len = int.from_bytes(data[header + 26:header + 28], "little"), int.from_bytes(data[header + 28:header + 30], "little")
+    start = header + 30 + name_len + extra_len
+    data[start + info.compress_size // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +494,10 @@ def graded(tmp_path_factory):
     root, inbox = tmp / "course-root", tmp / "inbox"
     shutil.copytree(SOLUTIONS / NAME, root / "solutions" / NAME)
     inbox.mkdir()
-    listener = Listener()
+    listener = Listener(tmp)
+    archive = tmp / "submissions.zip"
     expected = {}
-    for name, (made, points, flag) in cases(root, listener.port).items():
+    for name, (made, points, flag) in graded_cases(root, listener, archive).items():
         content = made() if callable(made) else made
         if not isinstance(content, str):
             content = nbformat.writes(content)
@@ -215,19 +505,33 @@ def graded(tmp_path_factory):
         folder.mkdir()
         (folder / f"{NAME}.ipynb").write_text(content)
         expected[name] = (points, flag)
-    archive = tmp / "submissions.zip"
-    with zipfile.ZipFile(archive, "w") as z:
-        for path in inbox.rglob("*.ipynb"):
-            z.write(path, path.relative_to(inbox))
+    honest, release = nbformat.writes(student()), (COURSE / NAME / f"{NAME}.ipynb").read_text()
+    for name, points in NAMES.items():
+        folder = inbox / name
+        folder.mkdir()
+        (folder / f"{NAME}.ipynb").write_text(honest if points else release)
+    (inbox / "honest" / "notes.txt").write_text("not a notebook")
+    (inbox / "crc_broken").mkdir()
+    (inbox / "crc_broken" / f"{NAME}.ipynb").write_text(honest)
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for path in sorted(inbox.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(inbox))
+        z.writestr("__MACOSX/._honest", b"\0\0")
+        z.writestr(f"folder_named_like_a_notebook/{NAME}.ipynb/inner.txt", "x")
+    _corrupt_member(archive, f"crc_broken/{NAME}.ipynb")
     env = {**os.environ, **isolated_env(tmp / "home", tmp / "cache"), "PEFTLAB_COURSE_ROOT": str(root)}
+    checks = ROOT / "src" / "peftlab" / "checks.py"
+    checks_before = checks.read_bytes()
     done = subprocess.run([sys.executable, "-m", "autograder.grade", str(archive), "--workers", "2",
                            "--cell-timeout", "10", "--memory-gb", "3", "--quiet"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     listener.close()
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((root / "autograder" / "reports" / "report.json").read_text())
-    return {"root": root, "report": {s["student"]: s for s in report["submissions"]}, "expected": expected,
-            "received": listener.received, "stdout": done.stdout, "env": env, "archive": archive}
+    return {"root": root, "report": {s["name"]: s for s in report["submissions"]}, "skipped": report["skipped"],
+            "expected": expected, "received": listener.received, "stdout": done.stdout, "env": env, "archive": archive,
+            "checks_unchanged": checks.read_bytes() == checks_before, "csv": (root / "autograder" / "reports" / "report.csv")}
 
 
 def _auto_score(root: Path, student_id: str) -> float:
@@ -237,24 +541,59 @@ def _auto_score(root: Path, student_id: str) -> float:
         return gb.find_submission(NAME, student_id).code_score
 
 
-CASES = list(cases(Path("/x"), 1))
+CASES = list(cases(Path("/x"), type("L", (), {"port": 1, "unix": "/x", "abstract": "x"})(), Path("/x.zip")))
+
+
+def test_the_suite_covers_at_least_45_kinds_of_submission():
+    assert len(CASES) + len(NAMES) + 2 >= 45  # + the broken archive entry and the folder named like a notebook
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
-def test_each_bad_submission_is_graded_as_expected(graded, name):
+def test_each_submission_is_graded_as_expected(graded, name):
+    if name not in graded["expected"]:
+        pytest.skip("this submission attacks the machine: it is graded only where the sandbox is on")
     points, flag = graded["expected"][name]
     row = graded["report"][name]
-    assert _auto_score(graded["root"], name) == points, (name, row)
+    assert _auto_score(graded["root"], row["student"]) == points, (name, row)
     flags = " | ".join(row["flags"])
     if flag:
         assert re.search(flag, flags), f"{name}: expected a flag matching {flag!r}, got {flags!r}"
     elif name not in ("empty_notebook",):
         assert not row["flags"], f"{name} should not be flagged: {flags}"
-    if name in ("invalid_json", "truncated", "empty_notebook"):
+    if name in ("invalid_json", "truncated", "empty_notebook", "deeply_nested_json"):
         assert row["status"] == "failed" and row["reason"], row
     else:
         assert row["status"] == "graded", row
+
+
+@pytest.mark.slow
+def test_distinct_names_stay_distinct_students(graded):
+    rows = graded["report"]
+    ids = [rows[name]["student"] for name in NAMES]
+    assert len(set(ids)) == len(ids) and len({i.lower() for i in ids}) == len(ids), ids
+    for name, points in NAMES.items():
+        assert _auto_score(graded["root"], rows[name]["student"]) == points, (name, rows[name])
+    assert rows["alice_bob"]["student"] == "alice_bob" and rows["alice bob"]["student"].startswith("alice_bob-")
+
+
+@pytest.mark.slow
+def test_every_input_file_is_in_the_report(graded):
+    with zipfile.ZipFile(graded["archive"]) as z:
+        members = [m.filename for m in z.infolist() if not m.is_dir()]
+    reported = {Path(s["file"]).as_posix() for s in graded["report"].values()} | {s["file"] for s in graded["skipped"]}
+    for member in members:
+        assert any(r.endswith(member) for r in reported), f"{member} is missing from the report"
+    crc = graded["report"]["crc_broken"]
+    assert crc["status"] == "failed" and "could not be read" in crc["reason"]
+    assert _auto_score(graded["root"], "crc_broken") == 0
+    reasons = {s["file"]: s["reason"] for s in graded["skipped"]}
+    assert "not a notebook" in reasons["honest/notes.txt"]
+    assert "metadata" in reasons["__MACOSX/._honest"]
+    nb_folder = graded["report"]["folder_named_like_a_notebook"]
+    assert nb_folder["status"] == "failed" and "folder named like a notebook" in nb_folder["reason"]
+    with open(graded["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(graded["report"]) + len(graded["skipped"])
 
 
 @pytest.mark.slow
@@ -267,23 +606,37 @@ def test_the_run_reports_repairs_and_conversions(graded):
 
 
 @pytest.mark.slow
-def test_no_network_from_student_code(graded):
+def test_no_network_or_socket_from_student_code(graded):
     if not SANDBOX:
         pytest.skip("user namespaces are not available here: the grader says the sandbox is off")
     assert graded["received"] == [], "a student's kernel reached a server on this machine"
 
 
 @pytest.mark.slow
-def test_grades_are_exported_for_every_student(graded):
-    import csv
-
-    rows = list(csv.DictReader(open(graded["root"] / "autograder" / "grades.csv")))
-    assert {r["student_id"] for r in rows} == set(CASES)
-    assert float(next(r for r in rows if r["student_id"] == "honest")["raw_score"]) == FULL
+def test_nothing_outside_the_kernels_scratch_was_written(graded):
+    if not SANDBOX:
+        pytest.skip("the sandbox is off here")
+    assert graded["checks_unchanged"], "a kernel changed the course's helper package"
+    leftovers = [p for p in [*Path(sys.prefix).rglob("evil.pth"), *(ROOT / "src").rglob("evil.pth"), ROOT / "evil.pth"]
+                 if p.exists()]
+    assert not leftovers and not Path("/tmp/owned").exists()
 
 
 @pytest.mark.slow
-def test_feedback_never_shows_hidden_tests(graded):
+def test_grades_are_exported_for_every_student(graded):
+    rows = list(csv.DictReader(open(graded["root"] / "autograder" / "grades.csv")))
+    ids = {s["student"] for s in graded["report"].values()}
+    assert {r["student_id"] for r in rows} == ids
+    honest = graded["report"]["honest"]["student"]
+    assert float(next(r for r in rows if r["student_id"] == honest)["raw_score"]) == FULL
+
+
+def _feedback_pages(graded):
+    return list((graded["root"] / "autograder" / "feedback").rglob("*.html"))
+
+
+@pytest.mark.slow
+def test_feedback_never_shows_hidden_tests_or_their_messages(graded):
     source = nbformat.read(SOLUTIONS / NAME / f"{NAME}.ipynb", as_version=4)
     release = nbformat.reads((COURSE / NAME / f"{NAME}.ipynb").read_text(), as_version=4)
     visible = "\n".join(cell.source for cell in release.cells)
@@ -291,14 +644,62 @@ def test_feedback_never_shows_hidden_tests(graded):
               if n in hidden_lines(cell.source) and len(line.strip()) > 12 and "HIDDEN TESTS" not in line
               and line.strip() not in visible]  # lines that also appear in the release give nothing away
     assert hidden
-    pages = list((graded["root"] / "autograder" / "feedback").rglob("*.html"))
-    assert len(pages) >= len(CASES) - 3  # unreadable files get no feedback page
+    pages = _feedback_pages(graded)
+    assert len(pages) >= len(CASES) - 4  # unreadable files get no feedback page
     for page in pages:
         text = page.read_text()
         leaked = [line for line in hidden if line in text]
         assert not leaked, f"{page} shows hidden test lines: {leaked[:2]}"
-    wrong = (graded["root"] / "autograder" / "feedback" / "monkeypatch" / NAME / f"{NAME}.html").read_text()
-    assert "a visible test failed" in wrong or "a hidden test failed" in wrong
+        assert "1e-5 = 0.001 %" not in text, f"{page} shows a hidden test's message"
+    wrong = (graded["root"] / "autograder" / "feedback" / "wrong_hidden_answer" / NAME / f"{NAME}.html").read_text()
+    assert "a hidden test failed" in wrong
+    history = (graded["root"] / "autograder" / "feedback" / "prints_history" / NAME / f"{NAME}.html").read_text()
+    assert "HISTORY-START" in history  # it printed; what it could print held no hidden test
+
+
+class _ActiveContent(__import__("html.parser").parser.HTMLParser):
+    """What a browser would run in a page: script bodies, event-handler attributes, javascript: links."""
+
+    def __init__(self):
+        super().__init__()
+        self.found, self._in_script = [], False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_script = tag == "script"
+        for name, value in attrs:
+            if name.startswith("on") or (value or "").strip().lower().startswith("javascript:"):
+                self.found.append(f"<{tag} {name}={value!r}>")
+        if tag in ("svg", "iframe", "object", "embed"):
+            self.found.append(f"<{tag}>")
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script and ("stolen" in data or "alert(" in data):
+            self.found.append(data[:80])
+
+
+def active_content(page: str) -> list[str]:
+    parser = _ActiveContent()
+    parser.feed(page)
+    return parser.found
+
+
+@pytest.mark.slow
+def test_feedback_and_formgrader_pages_run_no_script(graded):
+    honest = (graded["root"] / "autograder" / "feedback" / "honest" / NAME / f"{NAME}.html").read_text()
+    assert not active_content(honest)
+    for name in ("script_in_outputs", "script_in_markdown"):
+        page = (graded["root"] / "autograder" / "feedback" / name / NAME / f"{NAME}.html").read_text()
+        assert not active_content(page), f"{name}: {active_content(page)}"
+        assert page.count("<script") == honest.count("<script"), "only the page template's own scripts"
+        autograded = nbformat.read(graded["root"] / "autograder" / "autograded" / name / NAME / f"{NAME}.ipynb", as_version=4)
+        for cell in autograded.cells:
+            for output in cell.get("outputs", []):
+                assert not set(output.get("data", {})) - {"text/plain", "image/png", "image/jpeg"}, output
+            if cell.metadata.get("nbgrader", {}).get("solution") and cell.cell_type == "markdown":
+                assert "<script>" not in cell.source and "javascript:" not in cell.source
 
 
 def test_traceback_line_parsing():
@@ -312,29 +713,10 @@ def test_regrading_gives_the_same_grades(graded):
     before = (graded["root"] / "autograder" / "grades.csv").read_text()
     subset = graded["archive"].parent / "again"
     with zipfile.ZipFile(graded["archive"]) as z:
-        for name in ("honest", "os_exit", "invalid_json"):
+        for name in ("honest", "os_exit", "invalid_json", "José"):
             z.extract(f"{name}/{NAME}.ipynb", subset)
     done = subprocess.run([sys.executable, "-m", "autograder.grade", str(subset), "--workers", "2", "--quiet"],
                           cwd=ROOT, env=graded["env"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert (graded["root"] / "autograder" / "grades.csv").read_text() == before
     assert list((graded["root"] / "autograder" / "backups").glob("gradebook-*.db")), "the gradebook is backed up first"
-
-
-def test_sandbox_hides_folders_and_the_network(tmp_path):
-    if not SANDBOX:
-        pytest.skip("user namespaces are not available here")
-    secret, job = tmp_path / "secret", tmp_path / "job"
-    secret.mkdir()
-    job.mkdir()
-    (secret / "answers.txt").write_text("42")
-    probe = ("import os, socket\n"
-             f"print(os.path.exists({str(secret / 'answers.txt')!r}), os.listdir({str(job)!r}))\n"
-             "try:\n    socket.create_connection(('127.0.0.1', 22), timeout=2)\nexcept OSError as e:\n    print('net', e.errno)\n"
-             f"open({str(job / 'out.txt')!r}, 'w').write('ok')\n")
-    done = subprocess.run([sys.executable, str(ROOT / "autograder" / "sandbox.py"), "--hide", str(tmp_path),
-                           "--expose", str(job), "--memory-mb", "2000", "--", sys.executable, "-c", probe],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("False []"), done.stdout
-    assert "net " in done.stdout and (job / "out.txt").read_text() == "ok"

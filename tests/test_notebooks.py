@@ -87,3 +87,42 @@ def test_hidden_tests_exist_and_are_stripped_from_the_release(path):
         assert "HIDDEN TESTS" not in cell.source, gid
     for cell in release.cells:
         assert "### BEGIN SOLUTION" not in cell.source
+
+
+def _judge_level_names(source: str) -> set[str]:
+    """Names a test cell loads outside its @observe functions: what the judge's own process evaluates."""
+    import ast
+
+    names = set()
+
+    def visit(node, inside_probe=False):
+        if isinstance(node, ast.FunctionDef) and any(
+                isinstance(d, ast.Call) and getattr(d.func, "id", "") == "observe" for d in node.decorator_list):
+            for decorator in node.decorator_list:
+                visit(decorator)
+            return  # the body runs in the student's kernel
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(source))
+    return names
+
+
+@pytest.mark.parametrize("path", SOLUTION_NBS, ids=ids)
+def test_tests_call_student_code_only_through_observe(path):
+    """The grader runs a test's checks in its own process, where the student's names do not exist: a
+    check that uses one directly (instead of inside an @observe function) could never pass there."""
+    sys.path.insert(0, str(ROOT))
+    from autograder.prepare import student_names
+
+    nb = nbformat.read(path, as_version=4)
+    student = set(student_names(nb))
+    for grade_id, cell in graded_test_cells(nb).items():
+        used = _judge_level_names(cell.source) & student
+        assert not used, f"{grade_id} uses the student's {sorted(used)} outside an @observe function"
+        lines = cell.source.rstrip().splitlines()
+        if "### BEGIN HIDDEN TESTS" in cell.source:  # the judge holds back everything after the marker
+            assert "### BEGIN HIDDEN TESTS" in [l for l in lines if not l.startswith((" ", "\t"))], grade_id
+            assert lines[-1] == "### END HIDDEN TESTS", f"{grade_id}: the hidden part must end the cell"

@@ -1,30 +1,36 @@
-"""Small assertion helpers for the notebooks' test cells, so their failure messages tell a student
-what to fix rather than print a bare traceback."""
+"""Assertion helpers for the notebooks' test cells, so their failure messages tell a student what to fix
+rather than print a bare traceback.
+
+`assert_close` and `expect_error` check values an ``@observe`` function returned (see
+`peftlab.probe`); `float_tensors` is for use inside one, to list what a module keeps.
+"""
 
 from __future__ import annotations
 
 import math
 
+from peftlab.probe import Unreadable, observe, raised  # noqa: F401 - the test cells' imports come from here
 
-def expect_error(error: type[BaseException], func, *args, hint: str = "", **kwargs) -> None:
-    """Assert that ``func(*args, **kwargs)`` raises ``error``; ``hint`` says why it should."""
-    call = f"{getattr(func, '__name__', func)}({', '.join([*map(repr, args), *(f'{k}={v!r}' for k, v in kwargs.items())])})"
-    try:
-        func(*args, **kwargs)
-    except error:
+
+def expect_error(error: type[BaseException], outcome, hint: str = "") -> None:
+    """Assert that a call described by `peftlab.probe.raised` raised ``error`` (or a subclass of it);
+    ``hint`` says why it should."""
+    if not isinstance(outcome, dict) or not isinstance(outcome.get("kinds"), list):
+        raise AssertionError(f"expected the outcome of a call (from raised(...)), got {outcome!r}")
+    call = outcome.get("call", "the call")
+    if error.__name__ in outcome["kinds"]:
         return
-    except NotImplementedError:
-        raise
-    except Exception as exc:  # a different error is a wrong answer, not a crash of the test
-        raise AssertionError(f"{call} raised {type(exc).__name__}: {exc}; expected "
-                             f"{error.__name__}. {hint}".strip()) from exc
-    raise AssertionError(f"{call} returned without raising {error.__name__}. {hint}".strip())
+    if outcome.get("raised"):
+        raise AssertionError(f"{call} raised {outcome['raised']}: {outcome.get('message', '')}; expected "
+                             f"{error.__name__}. {hint}".strip())
+    raise AssertionError(f"{call} returned {outcome.get('returned', '')} without raising {error.__name__}. "
+                         f"{hint}".strip())
 
 
 def assert_close(actual, expected, rel: float = 1e-9, abs_tol: float = 0.0, what: str = "value") -> None:
     """Assert two numbers agree within a relative tolerance, naming ``what`` in the message."""
-    if not isinstance(actual, (int, float)) or isinstance(actual, bool):
-        raise AssertionError(f"{what} should be a number, got {type(actual).__name__}: {actual!r}")
+    if type(actual) not in (int, float):
+        raise AssertionError(f"{what} should be a number (int or float), got {type(actual).__name__}: {actual!r}")
     if not math.isclose(actual, expected, rel_tol=rel, abs_tol=abs_tol):
         raise AssertionError(f"{what} should be {expected:,.6g}, got {actual:,.6g}")
 
@@ -59,3 +65,6 @@ def float_tensors(obj, min_numel: int = 1) -> list[tuple[str, "object"]]:
 
     walk(obj, "", 0)
     return found
+
+
+__all__ = ["Unreadable", "assert_close", "expect_error", "float_tensors", "observe", "raised"]

@@ -63,3 +63,12 @@ def print_versions() -> None:
 def cache_dir() -> Path:
     """Folder for converted models: ``$PEFTLAB_CACHE`` or ``~/.cache/peftlab``."""
     return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab")
+
+
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+SMOLLM2_COMPLETE_MARKER = "peftlab-conversion.json"
+
+
+def smollm2_cached() -> bool:
+    """Whether SmolLM2 has been converted into the cache (without importing torch)."""
+    return (cache_dir() / SMOLLM2_CACHE_NAME / SMOLLM2_COMPLETE_MARKER).is_file()

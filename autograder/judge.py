@@ -1,0 +1,242 @@
+"""Decide test verdicts outside the student's kernel.
+
+A test cell (see `peftlab.probe`) calls the student's code only inside ``@observe`` functions. The
+judge runs everything else of the cell, the assertions and the reference computations with `peft`,
+`transformers` and `bitsandbytes`, in the grader's own process; each ``@observe`` function's source is
+sent to the kernel, which runs it and reports the returned value as plain data. So a verdict is made
+from data, by code the submission cannot reach: replacing builtins, helpers, IPython hooks or the
+libraries in the kernel changes only what the kernel reports, never how it is judged.
+
+Order, and what the kernel ever sees:
+
+- the visible part of each test runs at its place in the notebook, after the cells before it;
+- every hidden part (from ``### BEGIN HIDDEN TESTS`` to the end of the cell) is held back until the
+  whole notebook has run, so a hidden test's calls reach the kernel only after the last cell whose
+  outputs the student will see; what the kernel prints then is discarded;
+- a failing hidden part is reported as "a hidden test failed", nothing more.
+
+The judge's namespace starts with the notebook's locked code cells that do not use the student's
+names (imports, helper definitions), run here from the instructor's source; each hidden part runs in
+a copy of the namespace as its own cell's visible part left it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import textwrap
+from dataclasses import dataclass, field
+
+from peftlab import probe
+
+BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+HIDDEN_FAILED = ("HiddenTestFailed", "a hidden test failed")
+
+
+class ProbeFailed(Exception):
+    """An @observe call produced no report (time limit, dead kernel, a suppressed display)."""
+
+    def __init__(self, ename: str, evalue: str):
+        super().__init__(evalue)
+        self.ename, self.evalue = ename, evalue
+
+
+@dataclass
+class Verdict:
+    passed: bool = True
+    ename: str = ""
+    evalue: str = ""
+    hidden: bool = False        # the failure came from the hidden part
+
+
+@dataclass
+class _Deferred:
+    grade_id: str
+    source: str
+    namespace: dict
+
+
+def split_test(source: str) -> tuple[str, str | None]:
+    """(visible part, hidden part or None). The hidden part keeps its line numbers (leading blank
+    lines), so that tracebacks and probe sources line up with the cell."""
+    lines = source.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.strip() == BEGIN:
+            return "".join(lines[:i]), "\n" * i + "".join(lines[i:])
+    return source, None
+
+
+def bound_names(source: str) -> set[str]:
+    """Names a cell binds in the notebook's namespace (definitions, assignments, imports at its top
+    level, not the local variables of the functions it defines)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names = set()
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            return
+        if isinstance(node, ast.Lambda):
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return names
+
+
+def used_names(source: str) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    return {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+
+
+class Judge:
+    """Verdicts for one notebook. ``send(source, name, arguments) -> report text`` runs an @observe
+    function in the student's kernel, raising `ProbeFailed` when no report comes back."""
+
+    def __init__(self, send, student_names: set[str]):
+        self.send = send
+        self.student_names = set(student_names)
+        self.namespace: dict = {"__name__": "__main__"}
+        self.sources: dict[str, str] = {}
+        self.verdicts: dict[str, Verdict] = {}
+        self.deferred: list[_Deferred] = []
+        self.flags: list[str] = []
+        self.phase = "visible"
+
+    # -- cells ----------------------------------------------------------------------------------
+
+    def uses_student_code(self, source: str) -> bool:
+        return bool(used_names(source) & self.student_names)
+
+    def locked(self, source: str) -> None:
+        """A locked cell of the instructor's, run here too unless it needs the student's code."""
+        if self.uses_student_code(source):
+            return
+        with self._runner(), _quiet():
+            exec(compile(source, "<locked cell>", "exec"), self.namespace)
+
+    def test(self, grade_id: str, source: str) -> Verdict:
+        """Run a test's visible part now; keep its hidden part for `finish`."""
+        visible, hidden = split_test(source)
+        verdict = self._exec(grade_id, visible, self.namespace, hidden=False)
+        self.verdicts[grade_id] = verdict
+        if hidden is not None:
+            self.deferred.append(_Deferred(grade_id, hidden, dict(self.namespace)))
+        return verdict
+
+    def finish(self) -> dict[str, Verdict]:
+        """Run every hidden part, in order; a test passes only if both its parts passed."""
+        self.phase = "hidden"
+        for item in self.deferred:
+            verdict = self.verdicts[item.grade_id]
+            if not verdict.passed:
+                continue  # already failed: its hidden part need not reach the kernel
+            hidden = self._exec(item.grade_id, item.source, item.namespace, hidden=True)
+            if not hidden.passed:
+                self.verdicts[item.grade_id] = Verdict(False, *HIDDEN_FAILED, hidden=True)
+        return self.verdicts
+
+    # -- running judge code ---------------------------------------------------------------------
+
+    def _exec(self, grade_id: str, source: str, namespace: dict, hidden: bool) -> Verdict:
+        filename = f"<test {grade_id}{' (hidden)' if hidden else ''}>"
+        self.sources[filename] = source
+        probe.reseed()
+        try:
+            with self._runner(), _quiet():
+                exec(compile(source, filename, "exec"), namespace)
+        except probe.KernelError as exc:
+            return Verdict(False, exc.ename, exc.evalue or "(raised by your code)")
+        except ProbeFailed as exc:
+            return Verdict(False, exc.ename, exc.evalue)
+        except probe.ReportError as exc:
+            self.flags.append(f"the kernel sent a malformed report in {grade_id}: {exc}")
+            return Verdict(False, "ReportError", f"the kernel's report could not be read: {exc}")
+        except AssertionError as exc:
+            return Verdict(False, "AssertionError", str(exc))
+        except Exception as exc:  # noqa: BLE001 - anything else is this test failing
+            return Verdict(False, type(exc).__name__, str(exc)[:1000])
+        return Verdict()
+
+    @contextlib.contextmanager
+    def _runner(self):
+        probe.set_runner(self._remote)
+        try:
+            yield
+        finally:
+            probe.set_runner(None)
+
+    def _remote(self, func, args, kwargs):
+        source, name = self.probe_source(func)
+        arguments = probe.dumps((tuple(args), dict(kwargs)))
+        report = self.send(source, name, arguments)
+        value = probe.read_report(report)
+        self._note_unreadable(value, name)
+        return value
+
+    def probe_source(self, func) -> tuple[str, str]:
+        """The source of an @observe function, without its decorator, from the cell it was defined in."""
+        code = func.__code__
+        if code.co_freevars:
+            raise TypeError(f"@observe function {func.__name__} uses variables of an enclosing function")
+        text = self.sources.get(code.co_filename)
+        if text is None:
+            raise RuntimeError(f"@observe used outside a test cell ({code.co_filename})")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name == func.__name__:
+                first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                if first == code.co_firstlineno:
+                    lines = text.splitlines()[node.lineno - 1:node.end_lineno]
+                    return textwrap.dedent("\n".join(lines)) + "\n", node.name
+        raise RuntimeError(f"cannot find the source of @observe function {func.__name__}")
+
+    def _note_unreadable(self, value, name: str, depth: int = 0) -> None:
+        if depth > 4:
+            return
+        if isinstance(value, probe.Unreadable):
+            if value.why.startswith("a subclass of"):
+                self.flags.append(f"an answer posed as plain data: {value.kind} ({value.why})")
+        elif isinstance(value, (list, tuple)):
+            for item in value[:1000]:
+                self._note_unreadable(item, name, depth + 1)
+        elif isinstance(value, dict):
+            for item in list(value.values())[:1000]:
+                self._note_unreadable(item, name, depth + 1)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Judge code prints nowhere: the grader's own output is a protocol."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+@dataclass
+class LocalKernel:
+    """A stand-in for the student's kernel in this process (the tests' fast path): the notebook's
+    namespace, and @observe calls made into it exactly as the grader's kernel makes them."""
+
+    namespace: dict = field(default_factory=lambda: {"__name__": "__main__"})
+
+    def run(self, source: str, name: str = "<cell>") -> None:
+        exec(compile(source, name, "exec"), self.namespace)
+
+    def send(self, source: str, name: str, arguments: str) -> str:
+        state = probe._random_state()  # the judge's random draws go on as in its own process
+        try:
+            with _quiet():
+                return probe.call_report(source, name, arguments, self.namespace)
+        finally:
+            probe._set_random_state(state)

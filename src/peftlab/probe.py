@@ -1,0 +1,430 @@
+"""How the notebooks' tests call your code: ``@observe`` functions and plain data.
+
+A test cell has two parts. The functions marked ``@observe(...)`` call your code (build your module,
+run it on the test's inputs) and return what the test needs to look at; the rest of the cell checks
+those values. In JupyterLab and Colab both parts run in your notebook, one after the other. When your
+work is graded, only the ``@observe`` functions run in your notebook's kernel; the checks run in the
+grader's own process, on the returned values, so nothing in the notebook can change how they judge.
+
+What crosses between the two is *plain data*: ``None``, ``bool``, ``int``, ``float``, ``str``, lists,
+tuples and dicts of those, PyTorch tensors (their dtype, shape and bytes; whether they are an
+``nn.Parameter`` and require gradients), dtypes and devices. Anything else (a subclass of ``int`` or
+``str``, a tensor subclass, a module) arrives as an `Unreadable` value, which equals nothing and
+fails every check; so return a plain ``int`` where a test expects a count. The same conversion runs
+in your notebook, so what the visible tests see is what the grader sees.
+
+    @observe(inputs)                  # arguments go in as plain data too
+    def outputs(inputs):
+        return [your_function(x) for x in inputs]
+    assert outputs[0] == 42           # `outputs` is now the returned value, converted
+
+`raised` describes what a call raised (for tests of error handling); `peftlab.checks.expect_error`
+checks it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+
+MIME = "application/vnd.peftlab.probe+json"
+MAX_DEPTH = 32
+MAX_ITEMS = 1_000_000
+MAX_BYTES = 64 << 20  # of one report
+
+_DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+           "uint16", "uint32", "uint64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
+
+
+class Unreadable:
+    """A value that is not plain data (or a malformed report): equal to nothing, true for nothing."""
+
+    __slots__ = ("kind", "why")
+
+    def __init__(self, kind: str, why: str = ""):
+        self.kind, self.why = str(kind)[:200], str(why)[:200]
+
+    def __eq__(self, other):
+        return False
+
+    def __ne__(self, other):
+        return True
+
+    def __hash__(self):
+        return id(self)
+
+    def __bool__(self):
+        return False
+
+    def __repr__(self):
+        return f"<a {self.kind}, not plain data{': ' + self.why if self.why else ''}>"
+
+    def __format__(self, spec):
+        return repr(self)
+
+
+class ReportError(ValueError):
+    """A report from the kernel that does not follow the format (a tampered or broken kernel)."""
+
+
+class KernelError(Exception):
+    """Your code raised an exception while a test called it."""
+
+    def __init__(self, ename: str, evalue: str):
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        self.ename, self.evalue = ename, evalue
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding (runs wherever the value was made: the student's kernel, or the grader for arguments)
+
+
+def encode(value, _depth: int = 0, _count: list | None = None):
+    """``value`` as JSON-ready plain data, with exact types: see the module docstring."""
+    count = _count if _count is not None else [0]
+    count[0] += 1
+    if _depth > MAX_DEPTH or count[0] > MAX_ITEMS:
+        return {"$": "unreadable", "kind": type(value).__name__, "why": "nested too deeply or too large"}
+    kind = type(value)
+    if value is None or kind is bool or kind is str:
+        return value
+    if kind is int:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else {"$": "float", "v": repr(value)}
+    numpy_value = _numpy_scalar(value)
+    if numpy_value is not None:
+        return encode(numpy_value, _depth, count)
+    if kind is list:
+        return [encode(v, _depth + 1, count) for v in value]
+    if kind is tuple:
+        return {"$": "tuple", "v": [encode(v, _depth + 1, count) for v in value]}
+    if kind is dict or _is_plain_dict(value):
+        return {"$": "dict", "v": [[encode(k, _depth + 1, count), encode(v, _depth + 1, count)]
+                                   for k, v in dict.items(value)]}
+    torch = _torch()
+    if torch is not None:
+        if kind is torch.dtype:
+            return {"$": "dtype", "v": str(value).removeprefix("torch.")}
+        if kind is torch.device:
+            return {"$": "device", "v": str(value)}
+        if kind is torch.Size:
+            return {"$": "tuple", "v": [int(v) for v in value]}
+        if kind in (torch.Tensor, torch.nn.Parameter):
+            return _encode_tensor(torch, value)
+    why = ""
+    for plain in (bool, int, float, str, list, tuple, dict) + ((torch.Tensor,) if torch is not None else ()):
+        if isinstance(value, plain):
+            why = f"a subclass of {plain.__name__}"
+            break
+    return {"$": "unreadable", "kind": f"{kind.__module__}.{kind.__qualname__}", "why": why}
+
+
+def _torch():
+    import sys
+
+    return sys.modules.get("torch")
+
+
+def _numpy_scalar(value):
+    import sys
+
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(value, np.generic):
+        return None
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return None
+
+
+def _is_plain_dict(value) -> bool:
+    import collections
+
+    return type(value) in (collections.OrderedDict, collections.defaultdict)
+
+
+def _encode_tensor(torch, t):
+    base = {"$": "tensor", "param": type(t) is torch.nn.Parameter, "grad": bool(t.requires_grad)}
+    if t.layout != torch.strided or t.is_quantized or t.is_meta:
+        return {"$": "unreadable", "kind": "torch.Tensor", "why": f"{t.layout} layout" if not t.is_meta else "meta tensor"}
+    dtype = str(t.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        return {"$": "unreadable", "kind": "torch.Tensor", "why": f"dtype {dtype}"}
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {**base, "dtype": dtype, "shape": [int(s) for s in t.shape], "data": base64.b64encode(raw).decode()}
+
+
+def dumps(value) -> str:
+    return json.dumps(encode(value), allow_nan=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding (total: anything that does not follow the format raises ReportError)
+
+
+def loads(text, max_bytes: int = MAX_BYTES):
+    """Plain data from a report written by `dumps`. Strict: wrong shapes raise ReportError."""
+    if not isinstance(text, str):
+        raise ReportError(f"a report must be text, got {type(text).__name__}")
+    if len(text) > max_bytes:
+        raise ReportError(f"report too large ({len(text) / 1e6:.1f} MB)")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ReportError(f"not valid JSON ({type(exc).__name__})") from None
+    return decode(data)
+
+
+def decode(data, _depth: int = 0):
+    if _depth > MAX_DEPTH + 2:
+        raise ReportError("nested too deeply")
+    kind = type(data)
+    if data is None or kind in (bool, int, str):
+        return data
+    if kind is float:
+        return data
+    if kind is list:
+        return [decode(v, _depth + 1) for v in data]
+    if kind is not dict:
+        raise ReportError(f"unexpected {kind.__name__}")
+    tag = data.get("$")
+    if tag == "tuple":
+        return tuple(decode(v, _depth + 1) for v in _field(data, "v", list))
+    if tag == "dict":
+        out = {}
+        for pair in _field(data, "v", list):
+            if type(pair) is not list or len(pair) != 2:
+                raise ReportError("malformed dict entry")
+            key = decode(pair[0], _depth + 1)
+            try:
+                out[key] = decode(pair[1], _depth + 1)
+            except TypeError:  # an unhashable key
+                raise ReportError("unhashable dict key") from None
+        return out
+    if tag == "float":
+        v = _field(data, "v", str)
+        if v not in ("nan", "inf", "-inf"):
+            raise ReportError("malformed float")
+        return float(v)
+    if tag == "unreadable":
+        return Unreadable(str(data.get("kind", "value")), str(data.get("why", "")))
+    if tag == "tensor":
+        return _decode_tensor(data)
+    import torch
+
+    if tag == "dtype":
+        v = _field(data, "v", str)
+        if v not in _DTYPES:
+            raise ReportError("unknown dtype")
+        return getattr(torch, v)
+    if tag == "device":
+        v = _field(data, "v", str)
+        try:
+            return torch.device(v)
+        except (RuntimeError, ValueError):
+            raise ReportError("unknown device") from None
+    raise ReportError(f"unknown tag {str(tag)[:40]!r}")
+
+
+def _field(data: dict, key: str, kind: type):
+    value = data.get(key)
+    if type(value) is not kind:
+        raise ReportError(f"field {key!r} should be a {kind.__name__}")
+    return value
+
+
+def _decode_tensor(data: dict):
+    import binascii
+
+    import torch
+
+    dtype_name = _field(data, "dtype", str)
+    if dtype_name not in _DTYPES:
+        raise ReportError("unknown tensor dtype")
+    dtype = getattr(torch, dtype_name)
+    shape = _field(data, "shape", list)
+    if len(shape) > 16 or any(type(s) is not int or s < 0 for s in shape):
+        raise ReportError("malformed tensor shape")
+    numel = math.prod(shape)
+    if numel * dtype.itemsize > MAX_BYTES:
+        raise ReportError("tensor too large")
+    try:
+        raw = base64.b64decode(_field(data, "data", str), validate=True)
+    except (binascii.Error, ValueError):
+        raise ReportError("malformed tensor data") from None
+    if len(raw) != numel * dtype.itemsize:
+        raise ReportError(f"tensor data holds {len(raw)} bytes, its shape needs {numel * dtype.itemsize}")
+    if numel == 0:
+        tensor = torch.empty(shape, dtype=dtype)
+    else:
+        tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(shape)
+    grad, param = data.get("grad"), data.get("param")
+    if type(grad) is not bool or type(param) is not bool:
+        raise ReportError("malformed tensor flags")
+    if grad and not (dtype.is_floating_point or dtype.is_complex):
+        raise ReportError("only floating-point tensors can require gradients")
+    if param:
+        return torch.nn.Parameter(tensor, requires_grad=grad)
+    return tensor.requires_grad_(grad) if grad else tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calling the student's code
+
+
+def _local_runner(func, args, kwargs):
+    """In a notebook: run the function here, with the same conversions the grader applies."""
+    if func.__code__.co_freevars:
+        raise TypeError(f"@observe function {func.__name__} uses variables of an enclosing function "
+                        f"({', '.join(func.__code__.co_freevars)}); pass them as arguments")
+    args, kwargs = loads(dumps((tuple(args), dict(kwargs))))
+    state = _random_state()
+    try:
+        reseed()
+        return loads(dumps(func(*args, **kwargs)))
+    finally:  # the test's own random draws go on as if nothing had run: as in the grader
+        _set_random_state(state)
+
+
+def _random_state():
+    import sys
+
+    torch, np = _torch(), sys.modules.get("numpy")
+    return (random.getstate(), torch.get_rng_state() if torch is not None else None,
+            np.random.get_state() if np is not None else None)
+
+
+def _set_random_state(state) -> None:
+    import sys
+
+    python, torch_state, numpy_state = state
+    random.setstate(python)
+    if torch_state is not None:
+        _torch().set_rng_state(torch_state)
+    if numpy_state is not None:
+        sys.modules["numpy"].random.set_state(numpy_state)
+
+
+_runner = _local_runner
+
+
+def set_runner(runner) -> None:
+    """Used by the grader (in its own process) to send @observe functions to the student's kernel."""
+    global _runner
+    _runner = runner or _local_runner
+
+
+def observe(*args, **kwargs):
+    """Decorator: call the function now with ``args`` and bind its name to the result, as plain data."""
+
+    def decorator(func):
+        return _runner(func, args, kwargs)
+
+    return decorator
+
+
+def reseed(seed: int = 0) -> None:
+    """The same random state before every observation, in a notebook and in the grader's kernel."""
+    random.seed(seed)
+    torch = _torch()
+    if torch is not None:
+        torch.manual_seed(seed)
+    import sys
+
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed)
+
+
+def raised(func, *args, **kwargs) -> dict:
+    """Call ``func`` and describe the outcome: the exception it raised, or what it returned.
+    NotImplementedError (an unsolved exercise) is not described but passed on."""
+    call = f"{getattr(func, '__name__', 'function')}({_args_text(args, kwargs)})"
+    try:
+        value = func(*args, **kwargs)
+    except NotImplementedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - describing it is the point
+        return {"call": call, "raised": type(exc).__name__, "kinds": _builtin_kinds(exc), "message": _text(exc)}
+    return {"call": call, "raised": None, "kinds": [], "message": "", "returned": _short(value)}
+
+
+def _args_text(args, kwargs) -> str:
+    parts = [_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts)[:300]
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _text(exc) -> str:
+    try:
+        return str(exc)[:1000]
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _builtin_kinds(exc) -> list[str]:
+    return [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
+
+
+def describe_error(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__[:100], "kinds": _builtin_kinds(exc), "message": _text(exc)}
+
+
+def call_report(source: str, name: str, arguments: str, namespace: dict) -> str:
+    """Define the @observe function ``name`` from ``source`` in ``namespace`` (the notebook's), call it
+    with the encoded ``arguments`` and return the report: its value, or the error it raised."""
+    scope: dict = {}
+    try:
+        exec(compile(source, f"<test: {name}>", "exec"), namespace, scope)
+        args, kwargs = loads(arguments)
+        reseed()
+        value = scope[name](*args, **kwargs)
+        report = {"ok": True, "value": encode(value)}
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - SystemExit included: it is the student's
+        report = {"ok": False, "error": describe_error(exc)}
+    return json.dumps(report, allow_nan=False, separators=(",", ":"))
+
+
+def run(source: str, name: str, arguments: str) -> None:
+    """In the student's kernel, sent by the grader: `call_report` in the notebook's namespace, the
+    report published as display data of its own type (never shown: the grader collects it)."""
+    from IPython import get_ipython
+    from IPython.display import publish_display_data
+
+    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns)})
+
+
+def read_report(text: str):
+    """The grader's side of `run`: the returned value, or KernelError for what the code raised."""
+    if not isinstance(text, str) or len(text) > MAX_BYTES:
+        raise ReportError("report missing or too large")
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ReportError("the report is not valid JSON") from None
+    if type(data) is not dict or type(data.get("ok")) is not bool:
+        raise ReportError("malformed report")
+    if data["ok"]:
+        if "value" not in data:
+            raise ReportError("malformed report")
+        return decode(data["value"])
+    error = data.get("error")
+    if type(error) is not dict or type(error.get("type")) is not str or type(error.get("message", "")) is not str:
+        raise ReportError("malformed error report")
+    raise KernelError(error["type"][:100], error.get("message", "")[:1000])
