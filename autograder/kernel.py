@@ -326,9 +326,9 @@ def sandbox_read_only(extra: list[str] = ()) -> list[str]:
     course's helper package (asked of the interpreter), the model cache, and ``extra``."""
     paths = [p for p in sandbox.SYSTEM_PATHS if os.path.exists(p) and not os.path.islink(p)]
     paths += _python_paths()
-    from peftlab.env import cache_dir  # not peftlab.models: that would import torch
+    from peftlab.env import SMOLLM2_CACHE_NAME, cache_dir  # not peftlab.models: that would import torch
 
-    paths.append(str(cache_dir()))
+    paths.append(str(cache_dir() / SMOLLM2_CACHE_NAME))  # the folder itself: its parents may be private
     paths += list(extra)
     root = str(ROOT)
     # Never the course root itself (solutions, gradebook): only the environment and the package inside it.
