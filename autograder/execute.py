@@ -149,9 +149,12 @@ class Session:
         self.flags: list[str] = []
         self.notes: list[str] = []
         self.printed: list[str] = []   # what the student's code printed during a visible test
+        self.deadline = float("inf")
 
     def send(self, source: str, name: str, arguments: str) -> str:
         visible = self.judge.phase == "visible"
+        if time.monotonic() > self.deadline:
+            raise ProbeFailed("TimeoutError", f"not run: the notebook ran past its {self.job['notebook_timeout']} s limit")
         code = f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r})"
         run = self.kernel.run(code, store_history=False, keep_outputs=visible)
         if visible:
@@ -189,7 +192,7 @@ class Session:
     def grade(self, nb) -> dict:
         result = {"completed": False, "seconds": 0.0}
         start = time.monotonic()
-        deadline = start + self.job["notebook_timeout"]
+        deadline = self.deadline = start + self.job["notebook_timeout"]
         tests, stopped, baseline, printed = [], None, None, {}
         try:
             self.kernel.start()

@@ -316,9 +316,10 @@ class Workers:
         self.n, self.job_timeout = max(1, n), job_timeout
 
     def _start(self):
+        log = tempfile.TemporaryFile()  # the worker's own messages: the tail is reported if it dies
         proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
-                                start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, start_new_session=True)
+        proc.log = log
         lines: queue.Queue = queue.Queue()
 
         def read():
@@ -330,12 +331,19 @@ class Workers:
         return proc, lines
 
     @staticmethod
+    def _tail(proc, size: int = 400) -> str:
+        proc.log.seek(0, os.SEEK_END)
+        proc.log.seek(max(0, proc.log.tell() - size))
+        return proc.log.read().decode(errors="replace").strip()
+
+    @staticmethod
     def _stop(proc) -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             pass
         proc.wait()
+        proc.log.close()
 
     def run(self, jobs: list[dict], on_done) -> None:
         todo: queue.Queue = queue.Queue()
@@ -361,7 +369,8 @@ class Workers:
                     while True:
                         line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
                         if line is None:
-                            error = "the grading worker died"
+                            proc.wait()
+                            error = f"the grading worker died (exit {proc.returncode}): {self._tail(proc)}"
                             break
                         if line.strip() == f"PEFTLAB-DONE {path}":
                             break

@@ -70,9 +70,31 @@ def _grade(tmp: Path, env: dict, inbox: Path, workers: int) -> float:
     return timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet"], cwd=ROOT, env=genv)
 
 
+def prepare_row(rows: list) -> None:
+    """Preparing a submission with 20,000 cells of the student's own (linear; it was quadratic)."""
+    import nbformat
+
+    sys.path.insert(0, str(ROOT))
+    from autograder import prepare
+
+    name = "01_memory_math"
+    source = nbformat.read(ROOT / "solutions" / name / f"{name}.ipynb", as_version=4)
+    release = nbformat.read(ROOT / "course" / name / f"{name}.ipynb", as_version=4)
+    nb = nbformat.read(ROOT / "course" / name / f"{name}.ipynb", as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(f"x{i} = {i}") for i in range(20_000)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "huge.ipynb"
+        nbformat.write(nb, path)
+        start = time.perf_counter()
+        prepare.prepare(path, source, release)
+        rows.append(("preparing a submission with 20,000 extra cells (read, match, rebuild)",
+                     f"{time.perf_counter() - start:.1f} s", ""))
+
+
 def grading_rows(tmp: Path, env: dict, rows: list) -> list:
     """Time the grading command: one complete student (every notebook), and a class of eight
     submissions of notebook 04 with 1 and 2 workers."""
+    prepare_row(rows)
     complete = tmp / "inbox-complete"
     for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
         (complete / "student").mkdir(parents=True, exist_ok=True)

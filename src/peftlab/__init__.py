@@ -7,6 +7,7 @@ task (`peftlab.task`), widgets and plots that take the student's own functions a
 What does not: any solution to a graded exercise. The notebooks are where students write those.
 """
 
+import logging
 import warnings
 
 from peftlab.env import in_colab, print_versions
@@ -18,6 +19,11 @@ warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", cate
 # peft 0.21 still passes `past_key_values`, which transformers 5.24 renamed `cache`.
 warnings.filterwarnings("ignore", message=r".*`past_key_values`.*deprecated.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*Both `past_key_values` and `cache` are set.*", category=FutureWarning)
+
+# bitsandbytes on a CPU with AVX512-BF16 logs that it could not fetch an optional faster kernel (the
+# `kernels` package downloads it from the hub, which the course never needs); a harmless performance note
+# that would otherwise reach stderr in whichever test cell first imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
