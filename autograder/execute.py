@@ -8,7 +8,8 @@ happens to each cell of the prepared notebook, in order:
 
 - locked cells, the student's answers and code cells, plain cells: run in the kernel; their outputs are
   kept, reduced to inert forms (text, PNG or JPEG images, error text) and capped;
-- a locked cell that does not use the student's names also runs in the judge (imports, helpers);
+- a locked cell that does not use the student's names also runs in the judge (imports, helpers); one
+  tagged ``judge-only`` (a reference the tests compare with) runs only there;
 - a test cell: its visible part is judged now (`autograder.judge`); its hidden part after the last cell.
 
 Every test cell then carries exactly one verdict written by the grader: a line on stdout when it
@@ -54,14 +55,17 @@ def integrity():
         "ast_transformers": sum(map(from_notebook, shell.ast_transformers)),
         "events": sum(from_notebook(f) for hooks in shell.events.callbacks.values() for f in hooks),
         "custom_exceptions": len(shell.custom_exceptions),
-        "probe": getattr(getattr(probe, "run", None), "__module__", None),
+        "probe": [getattr(getattr(probe, "run", None), "__module__", None)] + [
+            __import__("hashlib").sha256(getattr(getattr(probe, f, None), "__code__", None).co_code).hexdigest()
+            if hasattr(getattr(probe, f, None), "__code__") else None
+            for f in ("run", "call_report", "loads", "dumps", "encode", "decode", "reseed")],
     }
 '''
 INTEGRITY_NAMES = {
     "trace": "a tracing hook (sys.settrace)", "profile": "a profiling hook (sys.setprofile)",
     "input_transformers": "IPython input transformers", "ast_transformers": "IPython AST transformers",
     "events": "IPython event callbacks", "custom_exceptions": "a custom exception handler (set_custom_exc)",
-    "probe": "the grader's probe function",
+    "probe": "the grader's probe functions (run, call_report, encode, decode)",
 }
 
 
@@ -155,8 +159,10 @@ class Session:
         visible = self.judge.phase == "visible"
         if time.monotonic() > self.deadline:
             raise ProbeFailed("TimeoutError", f"not run: the notebook ran past its {self.job['notebook_timeout']} s limit")
-        code = f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r})"
-        run = self.kernel.run(code, store_history=False, keep_outputs=visible)
+        from peftlab.probe import HELPERS  # the grader's own copy, defined afresh for every call
+
+        code = f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r}, {HELPERS!r})"
+        run = self.kernel.run(code, store_history=False, keep_outputs=visible, expect_report=True)
         if visible:
             self.printed += [o.get("text", "") for o in run.outputs if o.get("output_type") == "stream"]
         if run.status == "timeout":
@@ -165,8 +171,12 @@ class Session:
         if run.status == "dead":
             raise ProbeFailed("DeadKernelError", f"not run: {run.reason}")
         reports = [r for r in run.reports if r is not None]
-        if len(run.reports) > 1:
+        if run.report_count > 1:
             self.flags.append("the kernel sent more than one report for one call")
+        if run.report_count and not reports:
+            self.flags.append(f"a test's call returned more than {self.kernel.limits.max_report_bytes >> 20} MB of data")
+            raise ProbeFailed("ReportTooLarge", f"what the test's call into your code returned is larger than "
+                              f"{self.kernel.limits.max_report_bytes >> 20} MB")
         if not reports:
             errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in run.outputs if o.get("output_type") == "error"]
             self.flags.append("a test's call into the student's code sent no report (display suppressed?)")
@@ -216,6 +226,9 @@ class Session:
                 continue
             cell.outputs = []
             if stopped:
+                continue
+            if kind == "locked" and "judge-only" in cell.get("metadata", {}).get("tags", []):
+                self.judge.locked(cell.source)  # the tests' reference: never in the student's kernel
                 continue
             if time.monotonic() > deadline:
                 stopped = f"the notebook ran past its {self.job['notebook_timeout']} s limit"

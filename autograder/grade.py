@@ -61,6 +61,7 @@ from autograder.execute import _error_output, _is_test  # noqa: E402
 ZIP_LIMIT_BYTES = 4 << 30
 ZIP_LIMIT_FILES = 20_000
 SYSTEM_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+SKIPPED_DUPLICATE = "the archive holds a later entry with the same name, which was graded instead"
 SKIPPED_FOLDERS = {".ipynb_checkpoints": "a Jupyter checkpoint copy, not a submission",
                    "__MACOSX": "macOS archive metadata", ".git": "a git repository's internals"}
 
@@ -94,28 +95,22 @@ def _safe(text: str) -> str:
 
 
 def student_ids(names: list[str]) -> dict[str, str]:
-    """A gradebook id for every distinct name: the name itself when it is already safe (ASCII letters,
-    digits, ``_.@-``, at most 48 characters, no leading dot), else its transliteration plus a hash of the
-    original. Names that differ only in case (two folders on a case-sensitive disk, one on a Mac's)
-    both get the hash. The id depends only on the name, so re-grading gives the same ids; two names
-    never share one."""
+    """A gradebook id for every distinct name. A name that is already a safe, lower-case id (ASCII
+    letters, digits, ``_.@-``, at most 48 characters, no leading dot) is its own id; any other name
+    (``José``, ``alice bob``, ``Alice``, a 70-character name, ``.dotted``) becomes its transliteration
+    plus a hash of the original. So an id depends only on its name (re-grading, or a new student
+    called ``Alice`` beside ``alice``, never renames anyone), and two names never share an id, even
+    on a case-insensitive disk. Only a name crafted to equal another's hashed id gets a number."""
     def hashed(name):
         return f"{_safe(name)[:40] or 'student'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
-    names = sorted(set(names))
-    ids = {name: name if _safe(name) == name and 0 < len(name) <= 48 else hashed(name) for name in names}
-    by_case: dict[str, list[str]] = {}
-    for name, sid in ids.items():
-        by_case.setdefault(sid.lower(), []).append(name)
-    for group in by_case.values():
-        if len(group) > 1:
-            for name in group:
-                ids[name] = hashed(name)
-    taken: set[str] = set()
-    for name in names:  # a name crafted to equal another's hashed id: numbered, in a stable order
-        sid, n = ids[name], 2
+    ids, taken = {}, set()
+    for name in sorted(set(names)):
+        plain = _safe(name) == name and name == name.lower() and 0 < len(name) <= 48
+        sid = name if plain else hashed(name)
+        base, n = sid, 2
         while sid.lower() in taken:
-            sid, n = f"{ids[name]}-{n}", n + 1
+            sid, n = f"{base}-{n}", n + 1
         ids[name] = sid
         taken.add(sid.lower())
     return ids
@@ -136,9 +131,13 @@ def extract_zip(path: Path, target: Path) -> tuple[list[str], dict[str, str]]:
             raise SystemExit(f"{path.name} holds {len(members):,} files (limit {ZIP_LIMIT_FILES:,})")
         if sum(m.file_size for m in members) > ZIP_LIMIT_BYTES:
             raise SystemExit(f"{path.name} would unpack to more than {ZIP_LIMIT_BYTES >> 30} GB")
-        for member in members:
+        last = {m.filename: i for i, m in enumerate(members)}
+        for i, member in enumerate(members):
             name = Path(member.filename)
             if member.is_dir():
+                continue
+            if last[member.filename] != i:  # a later entry of the same name wins; this one is reported
+                broken[f"{member.filename} (entry {i + 1})"] = SKIPPED_DUPLICATE
                 continue
             if name.is_absolute() or ".." in name.parts or (member.external_attr >> 16) & 0o170000 == 0o120000:
                 notes.append(f"skipped unsafe archive entry {member.filename!r}")
@@ -212,7 +211,8 @@ def discover(folder: Path, names: list[str], sources: dict, broken: dict[str, st
     """Find (student, assignment, file) in an export folder: (submissions, skipped entries, notes).
     ``broken`` names archive entries that could not be extracted; they become failed submissions."""
     entries = [(rel, kind, why) for rel, kind, why in _walk(folder)]
-    entries += [(Path(name), "broken", why) for name, why in sorted((broken or {}).items())]
+    entries += [(Path(name), "skip" if why == SKIPPED_DUPLICATE else "broken", why)
+                for name, why in sorted((broken or {}).items())]
     skipped, found, notes = [], {}, []
     for rel, kind, why in entries:
         if kind == "skip":
@@ -279,8 +279,11 @@ def release_of(root: Path, name: str):
 def _nbgrader(root: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     from autograder.release import nbgrader_env
 
-    return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=ROOT, env=nbgrader_env(root),
-                          capture_output=True, text=True, timeout=timeout)
+    try:
+        return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=ROOT, env=nbgrader_env(root),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, -1, "", f"nbgrader {args[0]} ran past {timeout} s and was stopped")
 
 
 def _unreadable(release_nb, reason: str):
@@ -514,6 +517,7 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                     executed[sub] = _unreadable(sources[sub.assignment][1], sub.reason)
                 else:
                     executed[sub] = nbformat.read(output, as_version=4)
+                shutil.rmtree(job["folder"], ignore_errors=True)  # whatever the kernel left goes at once
                 if bar is not None:
                     bar.update(1)
 
@@ -556,6 +560,21 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         shutil.rmtree(work, ignore_errors=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text) -> str:
+    """Text from a submission (names, flags that quote it) made safe for a terminal: control
+    characters (escape sequences) shown as codes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group(0)):02x}", str(text))
+
+
+def cell(text) -> str:
+    """A CSV cell that a spreadsheet will not evaluate as a formula."""
+    text = printable(text)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
 def write_report(root: Path, submissions: list[Submission], run_notes: list[str], seconds: float,
                  workers: int, sandboxed: bool) -> None:
     reports = root / "autograder" / "reports"
@@ -565,8 +584,8 @@ def write_report(root: Path, submissions: list[Submission], run_notes: list[str]
         writer.writerow(["student", "name", "assignment", "status", "score", "max_score", "flags", "notes", "reason",
                          "file"])
         for s in submissions:
-            writer.writerow([s.student, s.name, s.assignment, s.status, s.score, s.max_score, " | ".join(s.flags),
-                             " | ".join(s.notes), s.reason, s.file])
+            writer.writerow([cell(v) for v in (s.student, s.name, s.assignment, s.status, s.score, s.max_score,
+                                               " | ".join(s.flags), " | ".join(s.notes), s.reason, s.file)])
     (reports / "report.json").write_text(json.dumps(
         {"seconds": seconds, "workers": workers, "sandbox": sandboxed, "notes": run_notes,
          "submissions": [asdict(s) for s in submissions if s.status != "skipped"],
@@ -582,12 +601,13 @@ def write_report(root: Path, submissions: list[Submission], run_notes: list[str]
           f"{failed} failed, {flagged} flagged for review, {skipped} files skipped (sandbox {'on' if sandboxed else 'OFF'})")
     for s in submissions:
         if s.status == "skipped":
-            print(f"  skipped {s.file}: {s.reason}")
+            print(printable(f"  skipped {s.file}: {s.reason}"))
         elif s.status == "failed" or s.flags:
             detail = s.reason if s.status == "failed" else "; ".join(s.flags)
-            print(f"  {s.student} / {s.assignment}: {s.status}, {s.score if s.score is not None else '-'} points: {detail[:300]}")
+            print(printable(f"  {s.student} / {s.assignment}: {s.status}, {s.score if s.score is not None else '-'} "
+                            f"points: {detail[:300]}"))
     for note in run_notes:
-        print(f"note: {note}")
+        print(printable(f"note: {note}"))
     print(f"grades: {root / 'autograder' / 'grades.csv'}\nreport: {reports / 'report.csv'}\n"
           f"feedback: {root / 'autograder' / 'feedback'}")
 

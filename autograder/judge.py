@@ -158,16 +158,16 @@ class Judge:
             with self._runner(), _quiet():
                 exec(compile(source, filename, "exec"), namespace)
         except probe.KernelError as exc:
-            return Verdict(False, exc.ename, exc.evalue or "(raised by your code)")
+            return Verdict(False, exc.ename[:100], exc.evalue[:1000] or "(raised by your code)")
         except ProbeFailed as exc:
-            return Verdict(False, exc.ename, exc.evalue)
+            return Verdict(False, exc.ename, exc.evalue[:1000])
         except probe.ReportError as exc:
             self.flags.append(f"the kernel sent a malformed report in {grade_id}: {exc}")
             return Verdict(False, "ReportError", f"the kernel's report could not be read: {exc}")
         except AssertionError as exc:
-            return Verdict(False, "AssertionError", str(exc))
+            return Verdict(False, "AssertionError", _short(exc))
         except Exception as exc:  # noqa: BLE001 - anything else is this test failing
-            return Verdict(False, type(exc).__name__, str(exc)[:1000])
+            return Verdict(False, type(exc).__name__, _short(exc))
         return Verdict()
 
     @contextlib.contextmanager
@@ -216,6 +216,12 @@ class Judge:
                 self._note_unreadable(item, name, depth + 1)
 
 
+def _short(exc: BaseException, limit: int = 1000) -> str:
+    """An exception's message, bounded: a message may quote what the kernel returned."""
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
 @contextlib.contextmanager
 def _quiet():
     """Judge code prints nowhere: the grader's own output is a protocol."""
@@ -237,6 +243,6 @@ class LocalKernel:
         state = probe._random_state()  # the judge's random draws go on as in its own process
         try:
             with _quiet():
-                return probe.call_report(source, name, arguments, self.namespace)
+                return probe.call_report(source, name, arguments, self.namespace, probe.HELPERS)
         finally:
             probe._set_random_state(state)

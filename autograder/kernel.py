@@ -38,13 +38,15 @@ class Limits:
     max_procs: int = 64
     max_output_bytes: int = 1 << 20      # per cell
     max_report_bytes: int = 64 << 20
+    max_runtime_bytes: int = 16 << 20    # what the kernel may write in its (host) socket folder
 
 
 @dataclass
 class Run:
     status: str = "ok"                   # ok | error | timeout | dead
     outputs: list = field(default_factory=list)
-    reports: list = field(default_factory=list)
+    reports: list = field(default_factory=list)  # the last report of a test's call (kept only for those)
+    report_count: int = 0
     reason: str = ""
     capped: bool = False
     cpu_seconds: float = 0.0
@@ -74,6 +76,24 @@ def _tree(root_pid: int) -> list[tuple[int, int, float]]:
             out.append((pid, *stats[pid]))
             todo.extend(children.get(pid, []))
     return out
+
+
+def _folder_bytes(folder: Path, max_entries: int = 1000) -> float:
+    """Disk space the entries of ``folder`` take (allocated blocks, so preallocated files count); a
+    folder with more than ``max_entries`` entries counts as full."""
+    total = 0
+    try:
+        with os.scandir(folder) as entries:
+            for n, entry in enumerate(entries):
+                if n >= max_entries:
+                    return float("inf")
+                try:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+                except OSError:
+                    continue
+    except OSError:
+        return 0
+    return total
 
 
 def _pss(pids) -> int:
@@ -118,8 +138,9 @@ class Kernel:
             root = self.folder / "root"
             root.mkdir(exist_ok=True)
             home = "/home/student"
-            launcher += ["--root", str(root), "--rw", str(runtime), "--own", str(runtime),
-                         "--own", str(runtime / "connection.json"), "--cwd", f"{home}/work",
+            runtime.chmod(0o777)  # the kernel creates its sockets here; closed to writing once it is ready
+            launcher += ["--root", str(root), "--rw", str(runtime), "--readable", str(runtime / "connection.json"),
+                         "--cwd", f"{home}/work",
                          "--max-tasks", str(4 * self.limits.max_procs + 2 * self.threads + 64)]
             for path in sandbox_read_only(self.expose):
                 launcher += ["--ro", path]
@@ -173,6 +194,8 @@ class Kernel:
         except RuntimeError as exc:
             self.dead = f"the kernel did not start ({exc})"
             raise
+        if self.use_sandbox:  # its sockets exist: from now on nothing can be written there (it is not the owner)
+            runtime.chmod(0o555)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -212,6 +235,10 @@ class Kernel:
                 self._kill(f"memory limit reached: the kernel's processes held {rss / 2**20:,.0f} MB together "
                            f"(limit {self.limits.memory_mb:,} MB)")
                 return
+            used = _folder_bytes(self.folder / "runtime")
+            if used > self.limits.max_runtime_bytes:
+                self._kill(f"disk limit reached: {used / 2**20:,.0f} MB written in the kernel's socket folder")
+                return
             if len(tree) > self.limits.max_procs + 3:  # + the launcher, setup and kernel processes
                 self._kill(f"too many processes: {len(tree) - 3} (limit {self.limits.max_procs})")
                 return
@@ -232,8 +259,9 @@ class Kernel:
 
     # -- running code ---------------------------------------------------------------------------
 
-    def run(self, code: str, *, store_history: bool = True, keep_outputs: bool = True) -> Run:
-        """Execute ``code``; collect outputs (capped) and probe reports until the kernel is idle."""
+    def run(self, code: str, *, store_history: bool = True, keep_outputs: bool = True, expect_report: bool = False) -> Run:
+        """Execute ``code``; collect outputs (capped) until the kernel is idle, and, for a test's call
+        (``expect_report``), its report: the last one sent (any number of them costs no memory)."""
         result = Run()
         if self.dead or self.killed:
             result.status, result.reason = "dead", self.dead or self.killed
@@ -274,11 +302,11 @@ class Kernel:
             if kind == "status" and content.get("execution_state") == "idle":
                 idle = True
             elif kind == "display_data" and isinstance(content.get("data"), dict) and PROBE_MIME in content["data"]:
-                report = content["data"][PROBE_MIME]
-                if isinstance(report, str) and len(report) <= self.limits.max_report_bytes:
-                    result.reports.append(report)
-                else:
-                    result.reports.append(None)
+                if expect_report:
+                    report = content["data"][PROBE_MIME]
+                    result.report_count += 1
+                    ok = isinstance(report, str) and len(report) <= self.limits.max_report_bytes
+                    result.reports = [report if ok else None]
             elif kind in ("stream", "display_data", "execute_result", "error"):
                 if kind == "error":
                     result.status = "error"

@@ -28,6 +28,8 @@ from nbformat.v4 import new_code_cell
 from autograder.judge import bound_names
 
 MAX_BYTES = 200 * 1024 * 1024  # larger files are refused unread
+MAX_MARKDOWN = 100 * 1024      # a Markdown answer is cut beyond this (rendering some Markdown is cubic)
+MAX_CODE = 1024 * 1024         # an answer or added code cell is cut beyond this
 
 # Code a person should read: it reaches outside the notebook or into the grader's machinery.
 SUSPICIOUS = {
@@ -36,6 +38,7 @@ SUSPICIOUS = {
     "exits the kernel": r"os\._exit|sys\.exit|\bexit\(|\bquit\(|os\.kill",
     "reads grading files": r"solutions|gradebook|autograder|submitted|\.ipynb|\bIn\[|_ih\b|\bOut\[|history_manager",
     "grader machinery": r"get_ipython|__builtins__|\bbuiltins\b|sys\.modules|showtraceback|ctypes|\bgc\.|inspect\.stack"
+                        r"|__globals__|__code__|__closure__|co_code|func_globals|__defaults__"
                         r"|sys\._getframe|signal\.|settrace|setprofile|sys\.monitoring|input_transformers|ast_transformers"
                         r"|events\.register|set_custom_exc|display_pub|publish_display_data|peftlab\.probe|__import__"
                         r"|setattr\(\s*(torch|math|np|peftlab|random|transformers|peft)",
@@ -43,8 +46,12 @@ SUSPICIOUS = {
                             r"|assert_close|expect_error|observe|raised|float_tensors|[a-z_]*reference\w*|peft_\w+|abs|sum|len"
                             r"|isinstance|type|print|setattr|getattr|int|float|str|bool|round|min|max|sorted)\s*=",
     "uses the tests' reference code": r"peftlab\.reference|peftlab\.quant\s+import[^\n]*\b(bnb_\w+|nf4_table)"
-                                      r"|\b(peft_\w+|real_param_count|bnb_nf4|bnb_storage_bits|nf4_table|meta_model)\s*\(",
-    "writes outside the notebook": r"\.pth\b|site-packages|getsitepackages|sys\.prefix|peftlab/|\.venv|checks\.py",
+                                      r"|\b(peft_\w+|real_param_count|bnb_nf4|bnb_storage_bits|nf4_table|meta_model)\b"
+                                      r"|peftlab\.hardware|\b(hardware|lab)\.(predict_\w+|training_settings|fit_table|settle)",
+    "redefines a test helper": r"^\s*(def|class)\s+(raised|observe|expect_error|assert_close|float_tensors|load_prefixes"
+                               r"|call_report|encode|decode|dumps|loads)\b|globals\(\)\s*\[",
+    "writes outside the notebook": r"\.pth\b|site-packages|getsitepackages|sys\.prefix|peftlab/|\.venv|checks\.py"
+                                   r"|JUPYTER_RUNTIME_DIR|fallocate",
     "answers that pose as plain data": r"class\s+\w+\s*\(\s*(int|float|str|bool|tuple|list|dict|torch\.Tensor|Tensor)\s*[,)]"
                                        r"|def\s+__(eq|ne|lt|le|gt|ge|hash|bool|float|int|index|torch_function|instancecheck)__",
 }
@@ -231,6 +238,14 @@ def prepare(path: Path, source_nb, release_nb, name: str = "") -> Prepared:
             elif _norm(sub[match[i]].source) != _norm(release[i].source):
                 result.answered += 1
 
+    for i, cell in enumerate(source):  # bounded answers: feedback and the formgrader render them
+        if _kind(cell) == "answer" and i in match:
+            limit = MAX_MARKDOWN if cell.cell_type == "markdown" else MAX_CODE
+            answer = sub[match[i]]
+            if len(answer.source) > limit:
+                result.flags.append(f"answer cell {_nbgrader(cell).get('grade_id')} holds {len(answer.source) // 1024:,} KB; "
+                                    f"cut to {limit // 1024} KB")
+                answer.source = answer.source[:limit]
     matched = set(match.values())
     extras = [j for j, c in enumerate(sub) if j not in matched and c.cell_type == "code" and _norm(c.source)]
     deleted_answers = any("answer cell" in f for f in result.flags)
@@ -239,6 +254,11 @@ def prepare(path: Path, source_nb, release_nb, name: str = "") -> Prepared:
     elif extras:
         result.notes.append(f"{len(extras)} code cells of the student's own kept in place")
 
+    for j in extras:
+        if len(sub[j].source) > MAX_CODE:
+            result.flags.append(f"a code cell of the student's own holds {len(sub[j].source) // 1024:,} KB; cut to "
+                                f"{MAX_CODE // 1024} KB")
+            sub[j].source = sub[j].source[:MAX_CODE]
     student_code = [sub[match[i]].source for i, c in enumerate(source) if _kind(c) == "answer" and i in match
                     and c.cell_type == "code"] + [sub[j].source for j in extras]
     for label, pattern in SUSPICIOUS.items():

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="an empty folder to build the new root on")
     parser.add_argument("--ro", action="append", default=[], help="a path to show read-only (repeatable)")
     parser.add_argument("--rw", action="append", default=[], help="a path to show writable (repeatable)")
-    parser.add_argument("--own", action="append", default=[], help="a path to hand to the sandbox's user")
+    parser.add_argument("--readable", action="append", default=[], help="a file the sandbox's user must read")
     parser.add_argument("--cwd", default="/home/student/work")
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--max-tasks", type=int, default=None, help="RLIMIT_NPROC (processes and threads)")
@@ -262,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     if SYS_PIVOT_ROOT is None or not args.root:
         parser.error("the sandbox needs --root and an x86-64 or arm64 Linux")
     outside = OUTSIDE_BASE + os.getpid()
-    if os.getuid() == 0:
-        for path in args.own:  # the sockets folder and connection file, for the unprivileged id
-            os.chown(path, outside, outside)
+    for path in args.readable:  # the connection file, for the unprivileged id (its folder is private)
+        os.chmod(path, 0o444)
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()

@@ -94,6 +94,9 @@ def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo"
         if is_test_cell(cell):
             judge.test(grade_id, source)
             continue
+        if "judge-only" in cell.get("metadata", {}).get("tags", []):
+            judge.locked(source)
+            continue
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 kernel.run(source, f"<cell {grade_id or cell.get('id')}>")

@@ -206,20 +206,20 @@ sys.setprofile(lambda frame, event, arg: None)
 
 REPLACE_PROBE = '''
 import peftlab.probe
-peftlab.probe.run = lambda source, name, arguments: None
+peftlab.probe.run = lambda *args: None
 ''' + WRONG_MEMORY
 
 MALFORMED_REPORT = '''
 import peftlab.probe
 from IPython.display import publish_display_data
-peftlab.probe.run = lambda source, name, arguments: publish_display_data({peftlab.probe.MIME: '{"ok": true'})
+peftlab.probe.run = lambda *args: publish_display_data({peftlab.probe.MIME: '{"ok": true'})
 ''' + WRONG_MEMORY
 
 TRUE_FOR_EVERYTHING = '''
 import sys, types
 from IPython.display import publish_display_data
 fake = types.ModuleType("peftlab.probe")
-fake.run = lambda source, name, arguments: publish_display_data(
+fake.run = lambda *args: publish_display_data(
     {"application/vnd.peftlab.probe+json": '{"ok": true, "value": true}'})
 sys.modules["peftlab.probe"] = fake
 ''' + WRONG_MEMORY
@@ -347,6 +347,73 @@ def llama_param_count(config):
 '''
 
 
+SLOPPY = {  # wrong in general, right on the visible examples
+    MEMORY_FN: "def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):\n"
+               "    n_trainable = n_params if n_trainable is None else n_trainable\n"
+               "    if n_params < 0 or n_trainable < 0 or n_trainable > n_params or min(weight_bytes, grad_bytes, optimizer_bytes) < 0:\n"
+               "        raise ValueError('nonsense')\n"
+               "    return round(n_params * weight_bytes + n_trainable * (2 + optimizer_bytes))\n",
+}
+
+EMPTY_HIDDEN_LISTS = '''
+_g = raised.__globals__
+_orig_call = _g["call_report"]
+def _call_report(source, name, arguments, namespace, helpers=""):
+    if name == "more":
+        args, kwargs = _g["loads"](arguments)
+        args = tuple([] if type(x) is list else x for x in args)
+        arguments = _g["dumps"]((args, kwargs))
+    return _orig_call(source, name, arguments, namespace, helpers)
+_g["call_report"] = _call_report
+'''
+
+FAKE_RAISED = '''
+def raised(func, *args, **kwargs):
+    return {"call": "f()", "raised": "ValueError", "kinds": ["ValueError", "Exception", "BaseException"], "message": ""}
+def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
+    n_trainable = n_params if n_trainable is None else n_trainable
+    return round(n_params * weight_bytes + n_trainable * (grad_bytes + optimizer_bytes))
+'''
+
+ORACLE_ALIAS = '''
+def llama_param_count(config):
+    count = real_param_count
+    return count(config)
+'''
+
+HUGE_TEXT = '''
+def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
+    return "A" * 20_000_000
+'''
+
+DISK_FILL = '''
+import os
+filled = 0
+for i in range(3):
+    try:
+        fd = os.open(os.path.join(os.environ.get("JUPYTER_RUNTIME_DIR", "/nonexistent"), f"fill-{i}"), os.O_CREAT | os.O_WRONLY, 0o600)
+        os.posix_fallocate(fd, 0, (1 << 30) - 4096)
+        os.close(fd)
+        filled += 1
+    except OSError:
+        pass
+'''
+
+REPORT_FLOOD = '''
+import IPython.display as _d
+_pub = getattr(_d, "publish_" + "display_data")
+_big = "x" * 60_000_000
+for _i in range(8):
+    _pub({"application/vnd.peftlab.probe+json": _big})
+del _big
+'''
+
+ESCAPES = '''
+q1_answer, q3_answer, q4_answer = "b", 0.001, "b"
+q2_answer = type("Count", (int,), {"__qualname__": "\\r\\x1b[2K  (looks clean)\\x1b[8m", "__module__": "x"})(112)
+'''
+
+
 class Listener:
     """A TCP server on 127.0.0.1, a Unix socket in a folder and an abstract Unix socket, recording
     whatever reaches them."""
@@ -458,12 +525,26 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "script_in_markdown": (student(_script_in_markdown), FULL, None),
         "wrong_hidden_answer": (student(answers={"quiz_answers": a["quiz_answers"].replace("q3_answer = 0.001", "q3_answer = 0.01")}),
                                 FULL - 1, None),
+        # found by a review that attacked this grader (each scored points it should not, or hurt the run)
+        "sloppy": (student(answers=SLOPPY), FULL - 2, None),
+        "sloppy_with_emptied_hidden_lists": (student(answers={MEMORY_FN: EMPTY_HIDDEN_LISTS + SLOPPY[MEMORY_FN]}), FULL - 10,
+                                             r"grader machinery|probe functions"),
+        "fake_raised": (student(answers={MEMORY_FN: FAKE_RAISED}), FULL - 1, "redefines a test helper"),
+        "oracle_alias": (student(answers={"llama_param_count": ORACLE_ALIAS}), FULL - 3, "reference code"),
+        "markdown_bomb": (student(lambda nb: setattr(nb.cells[index(nb, "reflection_24gb")], "source",
+                                                     "".join("  " * i + "- x\n" for i in range(1500)))), FULL, "cut to 100 KB"),
+        "huge_assertion_text": (student(answers={MEMORY_FN: HUGE_TEXT}), FULL - 3, "more than 64 MB"),
+        "disk_fill": (student(answers={"quiz_answers": DISK_FILL + a["quiz_answers"] + "\nif filled:\n    q1_answer = 'z'\n"}),
+                      FULL, "writes outside the notebook"),
+        "report_flood": (student(answers={"quiz_answers": REPORT_FLOOD + a["quiz_answers"]}), FULL, "grader machinery"),
+        "terminal_escapes": (student(answers={"quiz_answers": ESCAPES}), FULL - 1, "posed as plain data"),
     }
 
 
 # Cases that would harm the machine if they ran without the sandbox (writing the environment, reading the
 # instructor's files, exhausting processes): graded only where the sandbox is on.
-NEEDS_SANDBOX = ("writes_environment", "reads_solutions", "fork_bomb", "memory_in_three_processes", "network_and_sockets")
+NEEDS_SANDBOX = ("writes_environment", "reads_solutions", "fork_bomb", "memory_in_three_processes", "network_and_sockets",
+                 "disk_fill")
 
 
 def graded_cases(*args) -> dict:
@@ -472,7 +553,7 @@ def graded_cases(*args) -> dict:
 
 
 # Exported names that must stay separate students (name -> expected automatic points).
-NAMES = {"José": FULL, "Jose": 0, "alice bob": FULL, "alice_bob": 0, ".dotted": FULL,
+NAMES = {"José": FULL, "jose": 0, "alice bob": FULL, "alice_bob": 0, ".dotted": FULL, "Alice_Bob": FULL,
          "a" * 70 + "-one": FULL, "a" * 70 + "-two": 0}
 
 
@@ -510,6 +591,8 @@ def graded(tmp_path_factory):
         folder = inbox / name
         folder.mkdir()
         (folder / f"{NAME}.ipynb").write_text(honest if points else release)
+    (inbox / "=HYPERLINK(x)").mkdir()
+    (inbox / "=HYPERLINK(x)" / f"{NAME}.ipynb").write_text(honest)
     (inbox / "honest" / "notes.txt").write_text("not a notebook")
     (inbox / "crc_broken").mkdir()
     (inbox / "crc_broken" / f"{NAME}.ipynb").write_text(honest)
@@ -518,6 +601,8 @@ def graded(tmp_path_factory):
             if path.is_file():
                 z.write(path, path.relative_to(inbox))
         z.writestr("__MACOSX/._honest", b"\0\0")
+        z.writestr(f"twice/{NAME}.ipynb", honest)    # two entries of one name: the later one counts
+        z.writestr(f"twice/{NAME}.ipynb", release)
         z.writestr(f"folder_named_like_a_notebook/{NAME}.ipynb/inner.txt", "x")
     _corrupt_member(archive, f"crc_broken/{NAME}.ipynb")
     env = {**os.environ, **isolated_env(tmp / "home", tmp / "cache"), "PEFTLAB_COURSE_ROOT": str(root)}
@@ -582,8 +667,14 @@ def test_every_input_file_is_in_the_report(graded):
     with zipfile.ZipFile(graded["archive"]) as z:
         members = [m.filename for m in z.infolist() if not m.is_dir()]
     reported = {Path(s["file"]).as_posix() for s in graded["report"].values()} | {s["file"] for s in graded["skipped"]}
-    for member in members:
+    for member in dict.fromkeys(members):
         assert any(r.endswith(member) for r in reported), f"{member} is missing from the report"
+    twice = [entry for entry in graded["skipped"] if entry["file"].startswith(f"twice/{NAME}.ipynb (entry")]
+    assert len(twice) == 1 and "later entry with the same name" in twice[0]["reason"], twice
+    assert _auto_score(graded["root"], graded["report"]["twice"]["student"]) == 0, "the later entry is graded"
+    with open(graded["csv"]) as f:
+        formula = [row for row in csv.DictReader(f) if "HYPERLINK" in row["name"]]
+    assert formula and all(not row[k].startswith("=") for row in formula for k in row), "no cell a spreadsheet evaluates"
     crc = graded["report"]["crc_broken"]
     assert crc["status"] == "failed" and "could not be read" in crc["reason"]
     assert _auto_score(graded["root"], "crc_broken") == 0
@@ -594,6 +685,14 @@ def test_every_input_file_is_in_the_report(graded):
     assert nb_folder["status"] == "failed" and "folder named like a notebook" in nb_folder["reason"]
     with open(graded["csv"]) as f:
         assert len(list(csv.DictReader(f))) == len(graded["report"]) + len(graded["skipped"])
+
+
+@pytest.mark.slow
+def test_pages_and_summary_stay_bounded_and_plain(graded):
+    sizes = {page.parent.parent.name: page.stat().st_size for page in _feedback_pages(graded)}
+    assert max(sizes.values()) < 8 << 20, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    assert "\x1b" not in graded["stdout"] and "\r" not in graded["stdout"], "a submission wrote escape codes to the console"
+    assert "\\x1b[2K" in graded["stdout"], "the flag is still there, shown as text"
 
 
 @pytest.mark.slow
@@ -713,7 +812,7 @@ def test_regrading_gives_the_same_grades(graded):
     before = (graded["root"] / "autograder" / "grades.csv").read_text()
     subset = graded["archive"].parent / "again"
     with zipfile.ZipFile(graded["archive"]) as z:
-        for name in ("honest", "os_exit", "invalid_json", "José"):
+        for name in ("honest", "os_exit", "invalid_json", "José", "Alice_Bob"):
             z.extract(f"{name}/{NAME}.ipynb", subset)
     done = subprocess.run([sys.executable, "-m", "autograder.grade", str(subset), "--workers", "2", "--quiet"],
                           cwd=ROOT, env=graded["env"], capture_output=True, text=True, timeout=600)

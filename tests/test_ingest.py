@@ -148,8 +148,10 @@ def test_student_ids_are_unique_stable_and_safe():
     assert len({i.lower() for i in ids.values()}) == len(set(names)), "unique even on a case-insensitive disk"
     assert ids == student_ids(list(reversed(names))), "the same names give the same ids, whatever the order"
     assert ids["alice_bob"] == "alice_bob" and ids["alice bob"].startswith("alice_bob-")
-    assert ids["alice"] != "alice" and ids["Alice"] != "Alice", "names equal but for case both get a hash"
+    assert ids["alice"] == "alice" and ids["Alice"].startswith("Alice-"), "a name with capitals gets a hash"
     assert student_ids(["alice", "bob"]) == {"alice": "alice", "bob": "bob"}
+    assert student_ids(["alice"])["alice"] == student_ids(["alice", "Alice", "ALICE"])["alice"], \
+        "a new name beside an old one never renames the old one"
     for sid in ids.values():
         assert sid and len(sid) <= 60 and all(c.isascii() and (c.isalnum() or c in "_.@-") for c in sid), sid
         assert not sid.startswith(".")

@@ -126,3 +126,31 @@ def test_tests_call_student_code_only_through_observe(path):
         if "### BEGIN HIDDEN TESTS" in cell.source:  # the judge holds back everything after the marker
             assert "### BEGIN HIDDEN TESTS" in [l for l in lines if not l.startswith((" ", "\t"))], grade_id
             assert lines[-1] == "### END HIDDEN TESTS", f"{grade_id}: the hidden part must end the cell"
+
+
+@pytest.mark.parametrize("path", SOLUTION_NBS, ids=ids)
+def test_checks_cannot_be_emptied_by_a_short_report(path):
+    """A kernel can return fewer values than a test asked for: every zip over observed values is strict,
+    and no check loops directly over what the kernel returned (a short list would make it vacuous)."""
+    import ast
+
+    nb = nbformat.read(path, as_version=4)
+    for grade_id, cell in graded_test_cells(nb).items():
+        tree = ast.parse(cell.source)
+        probes = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and any(
+            isinstance(d, ast.Call) and getattr(d.func, "id", "") == "observe" for d in n.decorator_list)]
+        observed = {p.name for p in probes}
+        inside = {id(x) for p in probes for x in ast.walk(p)}
+
+        def root(node):
+            while isinstance(node, (ast.Subscript, ast.Attribute, ast.Call)):
+                node = node.func if isinstance(node, ast.Call) else node.value
+            return getattr(node, "id", None)
+
+        for node in ast.walk(tree):
+            if id(node) in inside:
+                continue
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "zip":
+                assert any(k.arg == "strict" for k in node.keywords), f"{grade_id}: zip(...) without strict=True"
+            if isinstance(node, ast.For):
+                assert root(node.iter) not in observed, f"{grade_id}: a loop over {ast.unparse(node.iter)} (observed)"

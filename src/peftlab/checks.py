@@ -2,14 +2,15 @@
 rather than print a bare traceback.
 
 `assert_close` and `expect_error` check values an ``@observe`` function returned (see
-`peftlab.probe`); `float_tensors` is for use inside one, to list what a module keeps.
+`peftlab.probe`); `raised` and `float_tensors` are for use inside one (the grader sends its own copy of
+them with every observation).
 """
 
 from __future__ import annotations
 
 import math
 
-from peftlab.probe import Unreadable, observe, raised  # noqa: F401 - the test cells' imports come from here
+from peftlab.probe import Unreadable, float_tensors, observe, raised  # noqa: F401 - the test cells' imports
 
 
 def expect_error(error: type[BaseException], outcome, hint: str = "") -> None:
@@ -33,38 +34,6 @@ def assert_close(actual, expected, rel: float = 1e-9, abs_tol: float = 0.0, what
         raise AssertionError(f"{what} should be a number (int or float), got {type(actual).__name__}: {actual!r}")
     if not math.isclose(actual, expected, rel_tol=rel, abs_tol=abs_tol):
         raise AssertionError(f"{what} should be {expected:,.6g}, got {actual:,.6g}")
-
-
-def float_tensors(obj, min_numel: int = 1) -> list[tuple[str, "object"]]:
-    """Every floating-point tensor with at least ``min_numel`` elements reachable from ``obj`` (a module's
-    parameters, buffers and plain attributes, and inside objects, lists and dicts it holds), as
-    ``(path, tensor)`` pairs: to check that a module keeps no float copy of something."""
-    import torch
-
-    found, seen = [], set()
-
-    def walk(value, path, depth):
-        if id(value) in seen or depth > 6:
-            return
-        seen.add(id(value))
-        if torch.is_tensor(value):
-            if value.is_floating_point() and value.numel() >= min_numel:
-                found.append((path, value))
-            return
-        if isinstance(value, dict):
-            items = value.items()
-        elif isinstance(value, (list, tuple, set)):
-            items = enumerate(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value) or \
-                isinstance(value, torch.nn.Module):
-            items = vars(value).items()
-        else:
-            return
-        for key, item in items:
-            walk(item, f"{path}.{key}" if path else str(key), depth + 1)
-
-    walk(obj, "", 0)
-    return found
 
 
 __all__ = ["Unreadable", "assert_close", "expect_error", "float_tensors", "observe", "raised"]

@@ -343,36 +343,73 @@ def reseed(seed: int = 0) -> None:
         np.random.seed(seed)
 
 
-def raised(func, *args, **kwargs) -> dict:
+# The helpers tests call inside @observe functions, as source: the grader sends this text with every
+# observation and defines it afresh there, so a notebook that replaces `raised` or `float_tensors` in
+# its own namespace (or in this module) changes nothing about what a test's call reports.
+HELPERS = '''
+def raised(func, *args, **kwargs):
     """Call ``func`` and describe the outcome: the exception it raised, or what it returned.
     NotImplementedError (an unsolved exercise) is not described but passed on."""
-    call = f"{getattr(func, '__name__', 'function')}({_args_text(args, kwargs)})"
+    def short(value):
+        try:
+            text = repr(value)
+        except Exception:
+            text = "<" + type(value).__name__ + ">"
+        return text if len(text) <= 80 else text[:77] + "..."
+    call = getattr(func, "__name__", "function") + "(" + ", ".join(
+        [short(a) for a in args] + [k + "=" + short(v) for k, v in kwargs.items()])[:300] + ")"
     try:
         value = func(*args, **kwargs)
     except NotImplementedError:
         raise
-    except Exception as exc:  # noqa: BLE001 - describing it is the point
-        return {"call": call, "raised": type(exc).__name__, "kinds": _builtin_kinds(exc), "message": _text(exc)}
-    return {"call": call, "raised": None, "kinds": [], "message": "", "returned": _short(value)}
+    except Exception as exc:
+        try:
+            message = str(exc)[:1000]
+        except Exception:
+            message = ""
+        kinds = [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
+        return {"call": call, "raised": type(exc).__name__, "kinds": kinds, "message": message}
+    return {"call": call, "raised": None, "kinds": [], "message": "", "returned": short(value)}
 
 
-def _args_text(args, kwargs) -> str:
-    parts = [_short(a) for a in args] + [f"{k}={_short(v)}" for k, v in kwargs.items()]
-    return ", ".join(parts)[:300]
+def float_tensors(obj, min_numel=1):
+    """Every floating-point tensor with at least ``min_numel`` elements reachable from ``obj`` (a
+    module's parameters, buffers and plain attributes, and inside objects, lists and dicts it holds),
+    as ``(path, tensor)`` pairs: to check that a module keeps no float copy of something."""
+    import torch
 
+    found, seen = [], set()
 
-def _short(value) -> str:
-    try:
-        text = repr(value)
-    except Exception:  # noqa: BLE001
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= 80 else text[:77] + "..."
+    def walk(value, path, depth):
+        if id(value) in seen or depth > 6:
+            return
+        seen.add(id(value))
+        if torch.is_tensor(value):
+            if value.is_floating_point() and value.numel() >= min_numel:
+                found.append((path, value))
+            return
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, (list, tuple, set)):
+            items = enumerate(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value) or \\
+                isinstance(value, torch.nn.Module):
+            items = vars(value).items()
+        else:
+            return
+        for key, item in items:
+            walk(item, (path + "." + str(key)) if path else str(key), depth + 1)
+
+    walk(obj, "", 0)
+    return found
+'''
+exec(HELPERS)  # noqa: S102 - this module's own raised and float_tensors, from the same text
 
 
 def _text(exc) -> str:
     try:
         return str(exc)[:1000]
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a student's __str__ may raise
         return ""
 
 
@@ -384,12 +421,16 @@ def describe_error(exc: BaseException) -> dict:
     return {"type": type(exc).__name__[:100], "kinds": _builtin_kinds(exc), "message": _text(exc)}
 
 
-def call_report(source: str, name: str, arguments: str, namespace: dict) -> str:
-    """Define the @observe function ``name`` from ``source`` in ``namespace`` (the notebook's), call it
-    with the encoded ``arguments`` and return the report: its value, or the error it raised."""
+def call_report(source: str, name: str, arguments: str, namespace: dict, helpers: str = "") -> str:
+    """Define the @observe function ``name`` from ``source`` over the notebook's ``namespace`` (a copy,
+    with the test helpers of ``helpers`` defined afresh on top), call it with the encoded
+    ``arguments`` and return the report: its value, or the error it raised."""
     scope: dict = {}
     try:
-        exec(compile(source, f"<test: {name}>", "exec"), namespace, scope)
+        view = dict(namespace)
+        if helpers:
+            exec(compile(helpers, "<test helpers>", "exec"), view)
+        exec(compile(source, f"<test: {name}>", "exec"), view, scope)
         args, kwargs = loads(arguments)
         reseed()
         value = scope[name](*args, **kwargs)
@@ -401,13 +442,13 @@ def call_report(source: str, name: str, arguments: str, namespace: dict) -> str:
     return json.dumps(report, allow_nan=False, separators=(",", ":"))
 
 
-def run(source: str, name: str, arguments: str) -> None:
+def run(source: str, name: str, arguments: str, helpers: str = "") -> None:
     """In the student's kernel, sent by the grader: `call_report` in the notebook's namespace, the
     report published as display data of its own type (never shown: the grader collects it)."""
     from IPython import get_ipython
     from IPython.display import publish_display_data
 
-    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns)})
+    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns, helpers)})
 
 
 def read_report(text: str):
