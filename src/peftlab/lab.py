@@ -23,28 +23,31 @@ from pathlib import Path
 
 import torch
 
-LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 # A CPU is about a hundred times slower than a data-centre GPU at this: runs there are capped.
 CPU_LIMITS = {"max_steps": 20, "max_seq_len": 64, "batch_size": 8, "n_test": 32}
 
 
 @dataclass
 class LabConfig:
-    model: str = "SmolLM2-135M-Instruct"   # the offline default; or any causal LM on the hub
+    model: str = "SmolLM2-135M-Instruct"   # the offline default; a local folder; or any causal LM on the hub
     max_steps: int = 60
     max_seq_len: int = 64
-    batch_size: int = 8
-    learning_rate: float = 2e-3
+    batch_size: int | None = 8              # None: the largest that fits the GPU (hardware.training_settings)
+    learning_rate: float | None = None      # None: by model size (hardware.default_hyperparameters)
+    warmup_ratio: float | None = None
+    lr_scheduler_type: str | None = None
+    max_grad_norm: float | None = None
     load_in_4bit: bool = True               # QLoRA; False: LoRA over a 16-bit (GPU) or fp32 (CPU) base
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    target_modules: str | list = "all-linear"  # peft's shorthand: every linear layer but the output layer
     n_train: int = 512
     n_test: int = 64
     seed: int = 0
     output_dir: str = "lab_output"
-    gradient_checkpointing: bool | None = None  # default: on for a GPU, off on a CPU
+    gradient_checkpointing: bool | None = None  # None: decided by hardware.training_settings
+    merge_on: str = "auto"                  # where to reload and merge the adapter: auto, cpu, gpu
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -57,27 +60,31 @@ class LabConfig:
 
 
 def environment() -> dict:
-    """Device, memory and precision support of this machine."""
-    info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(), "cpu_cores": os.cpu_count()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, gpus=torch.cuda.device_count(), memory_gb=props.total_memory / 1e9,
-                    bf16=torch.cuda.is_bf16_supported(), cuda_version=torch.version.cuda)
-    else:
-        from peftlab.training import fast_bf16
+    """Device, memory and precision of this machine (precision from the GPU's compute capability)."""
+    from peftlab import hardware
 
-        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-        info.update(device="CPU", gpus=0, memory_gb=pages / 1e9, bf16=fast_bf16(torch.device("cpu")))
-    try:
-        import bitsandbytes
+    device = hardware.current_device(_local_rank() if torch.cuda.is_available() else None)
+    info = {"torch": torch.__version__, "cuda": device.is_gpu, "cpu_cores": os.cpu_count(), "device": device.name,
+            "gpus": device.count if device.is_gpu else 0, "memory_gib": device.total_memory / hardware.GiB,
+            "compute_capability": ".".join(map(str, device.capability)) if device.is_gpu else None,
+            "precision": hardware.precision(device), "cuda_version": torch.version.cuda if device.is_gpu else None}
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
+    try:  # its version, without importing it (which sets up its CUDA backend)
+        info["bitsandbytes"] = version("bitsandbytes")
+    except PackageNotFoundError:
         info["bitsandbytes"] = None
+    info["_device"] = device
     return info
 
 
-def fit_to_machine(config: LabConfig, env: dict | None = None) -> LabConfig:
+def device_of(env: dict):
+    from peftlab import hardware
+
+    return env.get("_device") or (hardware.KNOWN_GPUS["A100-80GB"] if env.get("cuda") else hardware.cpu_device())
+
+
+def fit_to_machine(config: LabConfig, env: dict | None = None, quiet: bool = False) -> LabConfig:
     """On a CPU, cap the run at `CPU_LIMITS` and say so in ``config.notes``."""
     env = env or environment()
     if env["cuda"]:
@@ -85,30 +92,14 @@ def fit_to_machine(config: LabConfig, env: dict | None = None) -> LabConfig:
     changed = []
     for key, limit in CPU_LIMITS.items():
         value = getattr(config, key)
-        if value > limit:
+        if value is None or value > limit:
             setattr(config, key, limit)
             changed.append(f"no GPU: {key} {value} -> {limit}")
     if changed:
         config.notes += changed
-        print("No GPU found: running small CPU settings (" + "; ".join(changed) + ")")
+        if not quiet:
+            print("No GPU found: running small CPU settings (" + "; ".join(changed) + ")")
     return config
-
-
-def predict_peak_memory(n_params: int, n_trainable: int, config: LabConfig, hidden_size: int,
-                        num_layers: int, vocab_size: int, weight_bytes: float) -> dict[str, float]:
-    """A first-order memory prediction in bytes: frozen weights (``weight_bytes`` each; 4.127/8 in NF4
-    with double quantization), adapter training state (16 B per trainable parameter: fp32 weight,
-    gradient, two Adam moments), and activations: per layer about 34 * hidden bytes per token in 16
-    bits (Korthikanti et al., 2022, without attention scores), divided when checkpointing keeps only
-    each layer's input, plus the logits (vocab x 4 bytes per token, twice for the loss)."""
-    tokens = config.batch_size * config.max_seq_len
-    checkpointing = bool(config.gradient_checkpointing)
-    per_layer = (2 * hidden_size if checkpointing else 34 * hidden_size) * tokens
-    activations = num_layers * per_layer + 2 * 4 * vocab_size * tokens
-    parts = {"weights": n_params * weight_bytes, "adapter training state": 16 * n_trainable,
-             "activations": activations}
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def model_path(config: LabConfig) -> str:
@@ -117,31 +108,96 @@ def model_path(config: LabConfig) -> str:
     return smollm2_path() if config.model in ("SmolLM2-135M-Instruct", "smollm2") else config.model
 
 
+def model_config(config: LabConfig):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path(config))
+
+
+def settle(config: LabConfig, env: dict) -> LabConfig:
+    """Fill what the config leaves open from the device and the model's size: precision-dependent
+    batch size and gradient checkpointing (`hardware.training_settings`), learning rate, warmup,
+    schedule and gradient clipping (`hardware.default_hyperparameters`)."""
+    from peftlab import hardware
+
+    device, mconfig = device_of(env), model_config(config)
+    n_params = hardware.meta_inventory(mconfig)["total"]
+    for key, value in hardware.default_hyperparameters(n_params, device.is_gpu).items():
+        if getattr(config, key) is None:
+            setattr(config, key, value)
+    if config.batch_size is None or config.gradient_checkpointing is None:
+        predict = lambda batch, checkpointing: predict_for(config, env, mconfig, batch, checkpointing)["total"]  # noqa: E731
+        chosen = hardware.training_settings(device, predict)
+        if chosen["batch_size"] == 0:
+            raise SystemExit(f"{config.model} does not fit {device.name} ({device.total_memory / hardware.GiB:.0f} GiB) "
+                             f"even with a batch of one sequence of {config.max_seq_len} tokens and gradient checkpointing")
+        if config.gradient_checkpointing is None:
+            config.gradient_checkpointing = chosen["gradient_checkpointing"]
+        if config.batch_size is None:
+            config.batch_size = chosen["batch_size"]
+            config.notes.append(f"batch size {config.batch_size}: the largest that fits {device.name}")
+    return config
+
+
+def predict_for(config: LabConfig, env: dict, mconfig=None, batch_size=None, checkpointing=None) -> dict:
+    """`hardware.predict_peak_bytes` for this run, plus on a CPU the terms only a CPU run has."""
+    from peftlab import hardware
+
+    device = device_of(env)
+    mconfig = mconfig or model_config(config)
+    terms = hardware.predict_peak_bytes(
+        mconfig, batch_size=batch_size or config.batch_size, seq_len=config.max_seq_len, r=config.r,
+        target_modules=config.target_modules, load_in_4bit=config.load_in_4bit,
+        compute_dtype=hardware.compute_dtype(device), optimizer=hardware.optimizer_for(device, config.load_in_4bit),
+        gradient_checkpointing=bool(config.gradient_checkpointing if checkpointing is None else checkpointing),
+        lora_dropout=config.lora_dropout)
+    if not device.is_gpu:
+        extra = cpu_terms(mconfig, config, terms)
+        terms.update(extra)
+        terms["total"] += sum(extra.values())
+    return terms
+
+
+def cpu_terms(mconfig, config: LabConfig, terms: dict) -> dict:
+    """What a CPU run holds on top of the training step's terms:
+
+    - ``fp32_copy_while_quantizing``: loading in 4 bits reads every linear weight from the (fp32)
+      checkpoint and quantizes it. transformers maps the checkpoint file into memory, so the pages read
+      stay resident (file-backed, counted in the process's resident memory) for as long as the mapping
+      lives, the whole run here: 4 bytes per quantized parameter. Unquantized weights need no extra
+      copy: they are the mapped pages themselves. (On a GPU, none of this is in the GPU's memory.)
+
+    What the allocator keeps of freed memory (measured on SmolLM2: 100 to 450 MB after loading,
+    depending on how many threads allocated) is handed back to the system at each phase
+    (`MemoryMeter.mark`), so it is neither predicted nor measured.
+    """
+    from peftlab import hardware
+
+    n_quantized = hardware.meta_inventory(mconfig)["quantized"] if config.load_in_4bit else 0
+    return {"fp32_copy_while_quantizing": 4 * n_quantized}
+
+
 def prediction(config: LabConfig, env: dict | None = None) -> dict:
     """Predicted peak memory before anything is loaded: parameter counts from the model's config on
-    PyTorch's meta device (no memory), the adapter's size from `peft` itself."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    PyTorch's meta device (no memory), terms named as in `hardware.predict_peak_bytes`."""
     env = env or environment()
-    model_config = AutoConfig.from_pretrained(model_path(config))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    n_base = sum(p.numel() for p in model.parameters())
-    lora = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha, target_modules=LLAMA_LINEAR)
-    n_trainable = sum(p.numel() for p in get_peft_model(model, lora).parameters() if p.requires_grad)
-    weight_bytes = 4.127 / 8 if config.load_in_4bit else (2 if env["cuda"] else 4)
-    checkpointing = config.gradient_checkpointing if config.gradient_checkpointing is not None else env["cuda"]
-    sized = LabConfig(**{**asdict(config), "gradient_checkpointing": checkpointing})
-    parts = predict_peak_memory(n_base, n_trainable, sized, model_config.hidden_size,
-                                model_config.num_hidden_layers, model_config.vocab_size, weight_bytes)
-    return {"base_parameters": n_base, "trainable_parameters": n_trainable, "bytes": parts}
+    terms = predict_for(config, env)
+    return {"base_parameters": _base_parameters(config), "trainable_parameters": terms["trainable_parameters"],
+            "bytes": {k: v for k, v in terms.items() if k != "trainable_parameters"}}
+
+
+def _base_parameters(config: LabConfig) -> int:
+    from peftlab import hardware
+
+    return hardware.meta_inventory(model_config(config))["total"]
 
 
 class MemoryMeter:
-    """Peak memory of the run. On a GPU, what PyTorch allocated (reset at start). On a CPU, the
-    process's resident memory sampled every 20 ms, minus what it held before the model was loaded
-    (the Python runtime and libraries), so that the figure compares with the prediction."""
+    """Peak memory of the run, measured like the prediction. On a GPU, what PyTorch allocated on this
+    rank's device (`torch.cuda.max_memory_allocated`, reset once the rank has selected its GPU): the
+    prediction's total. On a CPU, the process's resident memory sampled every 20 ms above what
+    it held before the model was loaded (the Python runtime and libraries), with marks between phases
+    (loaded, trained), so that each part compares with its own terms."""
 
     def __init__(self):
         import threading
@@ -150,6 +206,8 @@ class MemoryMeter:
         if self.gpu:
             torch.cuda.reset_peak_memory_stats()
         self.baseline = self.peak = self._rss()
+        self.marks: dict[str, float] = {}
+        self._phase_peak = self.peak
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -164,7 +222,26 @@ class MemoryMeter:
 
     def _sample(self):
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
+            rss = self._rss()
+            self.peak, self._phase_peak = max(self.peak, rss), max(self._phase_peak, rss)
+
+    def mark(self, name: str) -> None:
+        """Resident memory now (above the baseline), and the phase's peak, under ``name``. On a CPU the
+        allocator first hands what it keeps of freed memory back to the system (glibc's malloc_trim):
+        what it retains otherwise depends on how many threads allocated, and is not the run's."""
+        import gc
+
+        gc.collect()  # what is only waiting for the cycle collector is not part of the phase
+        if not self.gpu:
+            _trim()
+        if self.gpu:
+            self.marks[name] = float(torch.cuda.memory_allocated())
+            self.marks[f"{name} (peak)"] = float(torch.cuda.max_memory_allocated())
+            return
+        rss = self._rss()
+        self.marks[name] = rss - self.baseline
+        self.marks[f"{name} (peak)"] = max(self._phase_peak, rss) - self.baseline
+        self._phase_peak = rss
 
     def stop(self) -> tuple[float, str]:
         self._stop.set()
@@ -174,22 +251,39 @@ class MemoryMeter:
         return self.peak - self.baseline, "peak resident memory above the process's size before loading"
 
 
-def load(config: LabConfig):
-    """(model, tokenizer) for the config: the offline SmolLM2 by default, else a hub model; in 4 bits
-    through bitsandbytes when ``load_in_4bit``."""
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        pass
+
+
+def _select_device() -> None:
+    """Under accelerate or torchrun each process owns one GPU: select it before measuring or loading."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_local_rank())
+
+
+def load(config: LabConfig, device: str | None = None, full_precision: bool = False):
+    """(model, tokenizer) for the config: the offline SmolLM2 by default, a local folder, else a hub
+    model; in 4 bits through bitsandbytes when ``load_in_4bit``. ``device="cpu"`` loads onto the CPU
+    (in fp32); ``full_precision`` loads without 4-bit weights (for merging an adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from peftlab import hardware
     from peftlab.quant import load_4bit
 
     path = model_path(config)
-    gpu = torch.cuda.is_available()
-    compute = torch.bfloat16 if (gpu and torch.cuda.is_bf16_supported()) else (torch.float16 if gpu else torch.float32)
-    if config.load_in_4bit:
+    gpu = torch.cuda.is_available() and device != "cpu"
+    compute = hardware.compute_dtype(hardware.current_device(_local_rank())) if gpu else torch.float32
+    if config.load_in_4bit and not full_precision:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=compute)
         model = load_4bit(path, quant, **({"device_map": {"": _local_rank()}} if gpu else {}))
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute if gpu else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute)
         if gpu:
             model = model.to(f"cuda:{_local_rank()}")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -203,16 +297,20 @@ def _local_rank() -> int:
 
 
 def add_adapter(model, config: LabConfig):
+    """LoRA on ``config.target_modules`` ("all-linear" by default: any architecture). Gradient
+    checkpointing, when on, is the non-reentrant kind (what DDP and frozen bases need)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = bool(config.gradient_checkpointing)
+    kwargs = {"use_reentrant": False}
     if config.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs=kwargs)
     elif checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     lora = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=LLAMA_LINEAR)
+                      lora_dropout=config.lora_dropout, target_modules=config.target_modules)
     return get_peft_model(model, lora)
 
 
@@ -232,50 +330,83 @@ class _Examples(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def precision_flags(env: dict) -> dict:
+    """The Trainer's precision switches and optimizer for the device in ``env``."""
+    from peftlab import hardware
+
+    device = device_of(env)
+    chosen = hardware.precision(device)
+    return {"bf16": chosen == "bf16", "fp16": chosen == "fp16", "use_cpu": not device.is_gpu,
+            "optim": hardware.optimizer_for(device, True)}
+
+
 def training_arguments(config: LabConfig, env: dict):
-    """`transformers.TrainingArguments` for the lab (the notebook's exercise asks for the same)."""
+    """`transformers.TrainingArguments` for the lab: precision from the device's compute capability
+    (bf16 from 8.0, fp16 with loss scaling below, fp32 on a CPU), the optimizer for the device."""
     from transformers import TrainingArguments
 
-    gpu = env["cuda"]
     return TrainingArguments(
         output_dir=str(Path(config.output_dir) / "trainer"), max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
-        seed=config.seed, bf16=gpu and env["bf16"], fp16=gpu and not env["bf16"], use_cpu=not gpu,
-        optim="paged_adamw_8bit" if (gpu and config.load_in_4bit) else "adamw_torch",
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
+        lr_scheduler_type=config.lr_scheduler_type, warmup_steps=float(config.warmup_ratio),  # a float: a ratio
+        max_grad_norm=config.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
+        seed=config.seed, **precision_flags(env), remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
         ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None)
 
 
-def run(config: LabConfig, progress: bool = True, make_training_arguments=None) -> dict:
+def _write(results: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+
+def _gather(value: float) -> list[float]:
+    """Every rank's ``value`` (one list on every rank), or ``[value]`` outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
+def run(config: LabConfig, progress: bool = True, make_training_arguments=None, quiet: bool = False) -> dict:
     """Train, measure and save; return (and write to ``results.json``) every figure.
-    ``make_training_arguments(config, env)`` replaces `training_arguments` (notebook 07's exercise)."""
-    from transformers import Trainer, TrainerCallback
+    ``make_training_arguments(config, env)`` replaces `training_arguments`. ``results.json`` is written
+    as soon as training ends, again after the evaluation, and after the adapter's reload and merge,
+    which can fail without costing the run's figures."""
+    import gc
+
+    import peft  # noqa: F401 - every library is imported before the memory baseline is taken
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
     from peftlab.task import evaluate, extract_answer, generate_answers, make_splits
     from peftlab.training import collate
 
+    if config.load_in_4bit:
+        import bitsandbytes  # noqa: F401
+
+    _select_device()
     env = environment()
-    config = fit_to_machine(config, env)
-    if config.gradient_checkpointing is None:
-        config.gradient_checkpointing = bool(env["cuda"])
+    config = fit_to_machine(config, env, quiet=quiet)
+    config = settle(config, env)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_process = int(os.environ.get("RANK", 0)) == 0
     torch.manual_seed(config.seed)
+    predicted = predict_for(config, env)
     meter = MemoryMeter()
 
     start = time.perf_counter()
     model, tokenizer = load(config)
     load_seconds = time.perf_counter() - start
+    meter.mark("loaded")
     n_base = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     train_set, test_set = make_splits(n_train=config.n_train, n_test=config.n_test, seed=config.seed)
     accuracy_before = evaluate(model, tokenizer, test_set) if main_process else None
 
     model = add_adapter(model, config)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    predicted = prediction(config, env)["bytes"]
-
+    meter.mark("ready to train")
     losses, step_times = [], []
 
     class Record(TrainerCallback):
@@ -293,39 +424,87 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None) 
     args = (make_training_arguments or training_arguments)(config, env)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=lambda items: collate(items, tokenizer.pad_token_id), callbacks=[Record()])
-    if not progress:
+    if not progress or quiet:
         trainer.args.disable_tqdm = True
+        for callback in (ProgressCallback, PrinterCallback):  # the Trainer's bar, and the dict it prints
+            trainer.remove_callback(callback)
     model.train()
     train_start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - train_start
     world = int(os.environ.get("WORLD_SIZE", 1))
     tokens = sum(len(ids) for ids, _ in dataset.items) / len(dataset) * config.batch_size * config.max_steps * world
+    meter.mark("trained")
     peak, peak_source = meter.stop()
-
-    results = {"config": asdict(config), "environment": env, "world_size": world,
+    per_rank = _gather(peak)
+    env_out = {k: v for k, v in env.items() if not k.startswith("_")}
+    results = {"config": asdict(config), "environment": env_out, "world_size": world,
                "parameters": {"base": n_base, "trainable": n_trainable, "trainable_percent": 100 * n_trainable / n_base},
-               "memory": {"predicted_bytes": predicted, "measured_peak_bytes": peak, "measured_with": peak_source},
+               "memory": {"predicted_bytes": {k: v for k, v in predicted.items() if k != "trainable_parameters"},
+                          "measured_peak_bytes": peak, "measured_with": peak_source,
+                          "per_rank_peak_bytes": per_rank, "phases": meter.marks,
+                          "comparison": memory_comparison(predicted, meter.marks, peak, env_out["cuda"])},
                "timing": {"load_seconds": load_seconds, "train_seconds": train_seconds,
                           "steps_per_second": config.max_steps / train_seconds,
                           "tokens_per_second": tokens / train_seconds,
                           "median_step_seconds": sorted(step_times)[len(step_times) // 2] if step_times else None},
                "loss": losses}
-    if main_process:
-        model.eval()
-        results["accuracy"] = {"before": accuracy_before, "after": evaluate(model, tokenizer, test_set),
-                               "test_examples": len(test_set)}
-        results["samples"] = [{"prompt": e.text, "target": e.target, "output": extract_answer(o)} for e, o in
-                              zip(test_set[:5], generate_answers(model, tokenizer, [e.prompt for e in test_set[:5]]))]
+    if not main_process:
+        return results
+    _write(results, out)  # the figures are safe before anything else can fail
+    model.eval()
+    results["accuracy"] = {"before": accuracy_before, "after": evaluate(model, tokenizer, test_set),
+                           "test_examples": len(test_set)}
+    results["samples"] = [{"prompt": e.text, "target": e.target, "output": extract_answer(o)} for e, o in
+                          zip(test_set[:5], generate_answers(model, tokenizer, [e.prompt for e in test_set[:5]]))]
+    _plot_losses(losses, out / "loss.png")
+    _write(results, out)
+    trainer.model_wrapped = trainer.model = trainer.optimizer = trainer.lr_scheduler = None
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
         results["adapter"] = save_reload_merge(model, tokenizer, out, config, test_set[0].prompt)
-        _plot_losses(losses, out / "loss.png")
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    except Exception as exc:  # noqa: BLE001 - the merge check never costs the run
+        results["adapter"] = {"error": f"{type(exc).__name__}: {exc}"}
+    _write(results, out)
     return results
 
 
+def memory_comparison(predicted: dict, marks: dict, peak: float, gpu: bool) -> dict:
+    """Predicted against measured, like with like. On a GPU: the allocator's peak against the
+    prediction's total (both without the CUDA context). On a CPU, each phase against its own terms:
+    the memory when training starts (the weights, the mapped fp32 checkpoint pages a 4-bit load read,
+    the adapter), the growth during training (gradients, optimizer state, activations, logits, the
+    dequantized weight), and the whole run."""
+    if gpu:
+        rows = {"whole run": (predicted["total"], peak)}
+    else:
+        weights = predicted["quantized_weights"] + predicted["unquantized_weights"]
+        training = sum(predicted[k] for k in ("gradients", "optimizer_state", "activations", "logits", "dequantized_weight"))
+        growth = max(0.0, marks.get("trained (peak)", 0.0) - marks.get("ready to train", 0.0))
+        before = weights + predicted["fp32_copy_while_quantizing"] + predicted["adapter_weights"]
+        rows = {"before training": (before, marks.get("ready to train", 0.0)),
+                "training (growth)": (training, growth), "whole run": (predicted["total"], peak)}
+    return {name: {"predicted": p, "measured": m, "ratio": m / p if p else None} for name, (p, m) in rows.items()}
+
+
+def merge_device(config: LabConfig) -> str:
+    """Where to reload and merge: on the GPU only when a 16-bit copy of the base fits twice in what is
+    free beside the trained model (``merge_on="auto"``), else on the CPU (in fp32)."""
+    if config.merge_on != "auto":
+        return config.merge_on
+    if not torch.cuda.is_available():
+        return "cpu"
+    free, _ = torch.cuda.mem_get_info()
+    return "gpu" if free > 2 * 2 * _base_parameters(config) else "cpu"
+
+
 def save_reload_merge(model, tokenizer, out: Path, config: LabConfig, prompt: str) -> dict:
-    """Save the adapter, report its size, reload it onto a fresh base and merge it; the merged model's
-    logits must match the trained one's."""
+    """Save the adapter, report its size, reload it onto a fresh full-precision base and merge it; the
+    merged model's logits must match the reloaded one's. The fresh base goes to the GPU only when it
+    fits beside the trained model (``merge_on="auto"``), else to the CPU in fp32."""
     from peft import PeftModel
 
     folder = out / "adapter"
@@ -333,19 +512,21 @@ def save_reload_merge(model, tokenizer, out: Path, config: LabConfig, prompt: st
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     ids = tokenizer(prompt, return_tensors="pt").to(model.device)
     with torch.no_grad():
-        trained_logits = model(**ids).logits.float()
-    fresh = load(LabConfig(**{**asdict(config), "load_in_4bit": False, "notes": []}))[0]
+        trained_logits = model(**ids).logits.float().cpu()
+    where = merge_device(config)
+    fresh = load(config, device="cpu" if where == "cpu" else None, full_precision=True)[0]
     reloaded = PeftModel.from_pretrained(fresh, folder)
     reloaded.eval()
+    ids = ids.to(reloaded.device)
     with torch.no_grad():
         reloaded_logits = reloaded(**ids).logits.float()
         merged = reloaded.merge_and_unload()
         merged_logits = merged(**ids).logits.float()
-    return {"path": str(folder), "bytes": size,
+    return {"path": str(folder), "bytes": size, "merged_on": where,
             # merging must not change what the reloaded adapter computes (same base, same precision)
             "merged_max_logit_difference": (merged_logits - reloaded_logits).abs().max().item(),
             # a 16/32-bit base differs from the 4-bit one it was trained on: the quantization error
-            "base_precision_max_logit_difference": (reloaded_logits - trained_logits.to(reloaded_logits.device)).abs().max().item(),
+            "base_precision_max_logit_difference": (reloaded_logits.cpu() - trained_logits).abs().max().item(),
             "merged_onto": "a 16/32-bit copy of the base (4-bit weights cannot hold a merged update exactly)"}
 
 
@@ -368,44 +549,100 @@ def _plot_losses(losses: list[float], path: Path) -> None:
 def summary(results: dict) -> str:
     """A short table of the run's figures."""
     mem = results["memory"]
+    env = results["environment"]
     lines = [
-        f"device: {results['environment']['device']} x{max(results['world_size'], 1)}, "
+        f"device: {env['device']} x{max(results['world_size'], 1)} ({env['precision']}), "
         f"{'QLoRA (NF4)' if results['config']['load_in_4bit'] else 'LoRA'}, "
         f"{results['parameters']['trainable']:,} trainable ({results['parameters']['trainable_percent']:.2f} %)",
         f"speed: {results['timing']['steps_per_second']:.2f} steps/s, {results['timing']['tokens_per_second']:,.0f} tokens/s",
         f"memory: predicted {mem['predicted_bytes']['total'] / 1e9:.2f} GB, measured peak "
         f"{mem['measured_peak_bytes'] / 1e9:.2f} GB ({mem['measured_with']})",
     ]
+    for name, row in mem["comparison"].items():
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        lines.append(f"  {name:<20} predicted {row['predicted'] / 1e9:6.2f} GB, measured {row['measured'] / 1e9:6.2f} GB"
+                     f" (measured / predicted {ratio})")
     if "accuracy" in results:
         acc = results["accuracy"]
         lines.append(f"accuracy: {acc['before']:.0%} -> {acc['after']:.0%} on {acc['test_examples']} test dates")
-        adapter = results["adapter"]
-        lines.append(f"adapter: {adapter['bytes'] / 1e6:.1f} MB; reloaded and merged: logits change by "
-                     f"{adapter['merged_max_logit_difference']:.1e}; on the full-precision base instead of the "
-                     f"4-bit one by up to {adapter['base_precision_max_logit_difference']:.2f}")
+    adapter = results.get("adapter", {})
+    if "error" in adapter:
+        lines.append(f"adapter: saved, but the reload and merge check failed: {adapter['error']}")
+    elif adapter:
+        lines.append(f"adapter: {adapter['bytes'] / 1e6:.1f} MB; reloaded and merged on the {adapter['merged_on']}: logits "
+                     f"change by {adapter['merged_max_logit_difference']:.1e}; on the full-precision base instead of "
+                     f"the 4-bit one by up to {adapter['base_precision_max_logit_difference']:.2f}")
     return "\n".join(lines)
+
+
+def fit_table(models: list[str], seq_len: int = 512, r: int = 16) -> list[dict]:
+    """For each model of `peftlab.models.LLAMA_FAMILY` and each of `hardware.KNOWN_GPUS`: the settings
+    `hardware.training_settings` picks for QLoRA on every linear layer, and the predicted peak."""
+    from peftlab import hardware
+    from peftlab.models import family_config
+
+    rows = []
+    for name in models:
+        config = family_config(name)
+        for gpu, device in hardware.KNOWN_GPUS.items():
+            dtype = hardware.compute_dtype(device)
+
+            def predict(batch, checkpointing):
+                return hardware.predict_peak_bytes(config, batch_size=batch, seq_len=seq_len, r=r, compute_dtype=dtype,
+                                                   gradient_checkpointing=checkpointing, lora_dropout=0.05)["total"]
+
+            chosen = hardware.training_settings(device, predict)
+            peak = predict(max(chosen["batch_size"], 1), chosen["gradient_checkpointing"]) + hardware.CUDA_CONTEXT_BYTES
+            rows.append({"model": name, "gpu": gpu, **chosen, "peak_gib": peak / hardware.GiB,
+                         "memory_gib": device.total_memory / hardware.GiB})
+    return rows
+
+
+def _quiet() -> None:
+    """--quiet: nothing but the summary (no progress bars, library warnings or logging)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ["TQDM_DISABLE"] = "1"
+    logging.disable(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     defaults = LabConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=defaults.model)
+    parser.add_argument("--model", default=defaults.model, help="SmolLM2 (offline), a local folder or a hub name")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
     parser.add_argument("--max-seq-len", type=int, default=defaults.max_seq_len)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="0: the largest that fits the GPU")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default: by model size")
     parser.add_argument("--no-4bit", action="store_true", help="LoRA over a 16/32-bit base instead of QLoRA")
     parser.add_argument("--r", type=int, default=defaults.r)
+    parser.add_argument("--target-modules", default="all-linear", help="comma-separated names, or all-linear")
+    parser.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
+    parser.add_argument("--merge-on", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--n-train", type=int, default=defaults.n_train)
     parser.add_argument("--n-test", type=int, default=defaults.n_test)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output-dir", default=defaults.output_dir)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)
+    if args.quiet:
+        _quiet()
+    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
     config = LabConfig(model=args.model, max_steps=args.max_steps, max_seq_len=args.max_seq_len,
-                       batch_size=args.batch_size, learning_rate=args.learning_rate, load_in_4bit=not args.no_4bit,
-                       r=args.r, n_train=args.n_train, n_test=args.n_test, seed=args.seed, output_dir=args.output_dir)
-    results = run(config, progress=not args.quiet)
+                       batch_size=args.batch_size or None, learning_rate=args.learning_rate,
+                       load_in_4bit=not args.no_4bit, r=args.r, target_modules=targets, n_train=args.n_train,
+                       n_test=args.n_test, seed=args.seed, output_dir=args.output_dir, merge_on=args.merge_on,
+                       gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing])
+    results = run(config, progress=not args.quiet, quiet=args.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary(results))
         print(f"results: {Path(config.output_dir) / 'results.json'}")

@@ -52,12 +52,14 @@ TINY_LLAMA_DEFAULTS = dict(
 
 # Architectures of real Llama-family models, from each model's config.json on the Hugging Face hub,
 # for calculators and parameter counts (no weights needed). Totals (on the meta device):
-# 134,515,008 / 1,235,814,400 / 8,030,261,248 / 13,015,864,320 / 70,553,706,496 parameters.
+# 134,515,008 / 1,235,814,400 / 3,212,749,824 / 8,030,261,248 / 13,015,864,320 / 70,553,706,496 parameters.
 LLAMA_FAMILY = {
     "SmolLM2-135M": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
     "Llama-3.2-1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "Llama-3.2-3B": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, tie_word_embeddings=True),
     "Llama-3.1-8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "Llama-2-13B": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,

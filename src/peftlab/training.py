@@ -128,10 +128,13 @@ def _state_bytes(params, optimizer) -> dict[str, int]:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 autocast speeds training up here: on GPUs that support it, and on CPUs with
-    native bf16 instructions (AVX512-BF16 or AMX); on other CPUs it is emulated and slower."""
+    """Whether bfloat16 autocast speeds training up here: on GPUs from compute capability 8.0
+    (`peftlab.hardware.precision`; a T4 only emulates it), and on CPUs with native bf16 instructions
+    (AVX512-BF16 or AMX); on other CPUs it is emulated and slower."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        from peftlab import hardware
+
+        return hardware.precision(hardware.current_device(device.index)) == "bf16"
     if device.type != "cpu":
         return False
     try:
