@@ -31,6 +31,7 @@ import nbformat
 
 from autograder.judge import Judge, ProbeFailed, Verdict
 from autograder.kernel import Kernel, Limits
+from autograder.prepare import _kind
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NOTEBOOK_OUTPUT = 4 << 20     # all kept outputs of one notebook (the feedback page)
@@ -67,17 +68,6 @@ INTEGRITY_NAMES = {
     "events": "IPython event callbacks", "custom_exceptions": "a custom exception handler (set_custom_exc)",
     "probe": "the grader's probe functions (run, call_report, encode, decode)",
 }
-
-
-def _kind(cell) -> str:
-    meta = cell.get("metadata", {}).get("nbgrader", {})
-    if meta.get("solution"):
-        return "answer"
-    if meta.get("grade") and cell.cell_type == "code":
-        return "test"
-    if meta.get("locked"):
-        return "locked"
-    return "plain"
 
 
 def _is_test(cell) -> bool:
