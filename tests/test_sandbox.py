@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -101,9 +102,11 @@ def inside(tmp_path):
 def test_nothing_of_the_course_or_the_host_is_visible(inside):
     out, scratch, _ = inside
     assert not any(out["sees"].values()), out["sees"]
-    # /tmp is private: it holds only the way to the kernel's own scratch folder (when that lies in /tmp)
-    expected = [scratch.relative_to("/tmp").parts[0]] if str(scratch).startswith("/tmp/") else []
-    assert out["tmp"] == expected and out["pids"] == [1] and out["imports"]
+    # /tmp is private: it holds only the way to the kernel's own scratch folder and to the read-only
+    # paths it is given (the environment, when the checkout itself lies in /tmp)
+    expected = sorted({Path(p).relative_to("/tmp").parts[0] for p in [str(scratch), *sandbox_read_only()]
+                       if p.startswith("/tmp/")})
+    assert sorted(out["tmp"]) == expected and out["pids"] == [1] and out["imports"]
 
 
 def test_only_scratch_space_is_writable(inside):
