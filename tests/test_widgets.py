@@ -97,3 +97,27 @@ def test_lora_explorer_follows_its_controls():
     assert "<b>921,600 trainable parameters</b>" in report.value  # STACK_NOTES: r=8 on q,k,v,o
     rank.value = 16
     assert "<b>1,843,200 trainable parameters</b>" in report.value
+
+
+def test_log_axes_are_labelled_in_plain_text(monkeypatch):
+    """Widget plots keep tick labels off matplotlib's mathtext parser (see widgets._redraw) and still
+    label every log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+
+    def show(*_, **__):
+        fig = plt.gcf()
+        fig.canvas.draw()
+        drawn.append([[t.get_text() for t in axis.get_majorticklabels() + axis.get_minorticklabels()]
+                      for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) if axis.get_scale() == "log"])
+
+    monkeypatch.setattr(plt, "show", show)
+    widgets.lora_explorer(peft_lora_count)
+    assert drawn and len(drawn[-1]) == 2, "the LoRA explorer plots share against rank on log-log axes"
+    for labels in drawn[-1]:
+        assert any(labels), "a log axis without any tick label"
+        assert not any("$" in label for label in labels), labels

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from peftlab.plots import GB, stacked_memory_bars
 
@@ -92,7 +93,6 @@ def fit_verdict(total_bytes: float, gpu_gb: float) -> str:
 def will_it_fit(memory_fn: Callable):
     """The "Will it fit?" calculator: model, precision, method and GPU -> stacked bar and verdict."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     style = {"description_width": "110px"}
     layout = widgets.Layout(width="480px")
@@ -121,15 +121,10 @@ def will_it_fit(memory_fn: Callable):
         detail = ", ".join(f"{k} {v / GB:,.2f} GB" for k, v in parts.items())
         verdict.value = (f"<b>{fit_verdict(total, GPUS[gpu.value])}</b><br>"
                          f"<span style='font-size:90%'>{detail}</span>")
-        with plot:
-            plot.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(7, 1.9))
+        with _redraw(plot, figsize=(7, 1.9)) as ax:
             stacked_memory_bars(ax, [f"{model.value}, {method.value}"], [parts],
                                 {gpu.value: GPUS[gpu.value]}, horizontal=True)
             ax.set_xlim(0, max(total / GB, GPUS[gpu.value]) * 1.08)
-            fig.tight_layout()
-            plt.show()
-            plt.close(fig)  # the inline backend has drawn it; don't keep every redraw in memory
 
     box = widgets.VBox([model, precision, method, share, gpu, verdict, plot])
     return _show(box, "peftlab-will-it-fit", (model, precision, method, share, gpu), update)
@@ -167,7 +162,6 @@ def _model_total(model_name: str) -> int:
 def lora_explorer(lora_count_fn: Callable):
     """Rank, alpha, target modules and model size -> trainable parameters, share, adapter size."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     from peftlab.models import LLAMA_FAMILY
 
@@ -196,18 +190,13 @@ def lora_explorer(lora_count_fn: Callable):
             f"scaling alpha/r = {s['scaling']:.3g} (rsLoRA alpha/sqrt(r) = {s['rslora_scaling']:.3g})")
         ranks = rank.options
         shares = [lora_summary(lora_count_fn, model.value, r, alpha.value, chosen)["share_percent"] for r in ranks]
-        with plot:
-            plot.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 3))
+        with _redraw(plot, figsize=(6, 3)) as ax:
             ax.loglog(ranks, shares, marker="o")
             ax.scatter([rank.value], [s["share_percent"]], s=120, zorder=3, color="C3", label=f"r = {rank.value}")
             ax.set_xlabel("rank r")
             ax.set_ylabel("trainable share of the model (%)")
             ax.set_title(f"{model.value}, targets: {', '.join(chosen)}", fontsize=9)
             ax.legend()
-            fig.tight_layout()
-            plt.show()
-            plt.close(fig)
 
     box = widgets.VBox([widgets.HBox([widgets.VBox([model, rank, alpha]), targets]), report, plot])
     return _show(box, "peftlab-lora-explorer", (model, rank, alpha, targets), update)
@@ -217,7 +206,6 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
     """Number of virtual tokens and model size -> trainable parameters and share of the model, for
     prompt tuning (``prompt_count_fn(config, P)``) and, when given, prefix tuning (``prefix_count_fn``)."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     from peftlab.models import LLAMA_FAMILY, family_config
 
@@ -241,9 +229,7 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
             f"<b>{name}</b>: {n:,} trainable parameters = {100 * n / total:.5f} % of {total:,}"
             f" ({n * 4 / 1e6:,.2f} MB in fp32)" for name, n in counts.items())
         sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-        with plot:
-            plot.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(6, 3))
+        with _redraw(plot, figsize=(6, 3)) as ax:
             for name, fn in methods.items():
                 ax.loglog(sizes, [100 * fn(config, p) / total for p in sizes], marker="o", label=name)
                 ax.scatter([tokens.value], [100 * counts[name] / total], s=100, zorder=3, color="C3")
@@ -251,12 +237,44 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
             ax.set_ylabel("trainable share (%)")
             ax.set_title(model.value, fontsize=9)
             ax.legend()
-            fig.tight_layout()
-            plt.show()
-            plt.close(fig)
 
     box = widgets.VBox([model, tokens, report, plot])
     return _show(box, "peftlab-virtual-tokens", (model, tokens), update)
+
+
+@contextmanager
+def _redraw(plot, figsize: tuple[float, float]):
+    """Replace the figure in the ``plot`` Output widget: yields a fresh Axes, then lays out, shows and
+    closes the figure (the inline backend has drawn it; keeping every redraw would leak memory).
+
+    Log axes get plain-text labels ("100", "0.01") instead of matplotlib's default mathtext ones
+    ("$10^{2}$"): a redraw of the quantization explorer failed inside the mathtext parser
+    ("Expected end of text, found '$'", matplotlib 3.11.2, pyparsing 3.3.3) once in CI and in 3 of
+    about 20 browser runs here with the CPUs loaded, always on the main thread and never re-entered;
+    plain labels keep the plot off that code path. An error is shown in the widget's output,
+    never raised into the kernel's message handler.
+    """
+    import matplotlib.pyplot as plt
+
+    with plot:
+        plot.clear_output(wait=True)
+        fig, ax = plt.subplots(figsize=figsize)
+        try:
+            yield ax
+            _plain_log_labels(ax)
+            fig.tight_layout()
+            plt.show()
+        finally:
+            plt.close(fig)
+
+
+def _plain_log_labels(ax) -> None:
+    from matplotlib.ticker import FuncFormatter, LogFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        if axis.get_scale() == "log":
+            axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,g}"))
+            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def _show(box, css_class: str, controls, update):
@@ -293,7 +311,6 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
     """Bits, block size and outliers -> histogram of the round-trip error of the student's blockwise
     quantizer, next to the same data quantized with one scale for the whole tensor."""
     import ipywidgets as widgets
-    import matplotlib.pyplot as plt
 
     from peftlab.quant import outlier_weights
 
@@ -318,9 +335,7 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
             f"weights' RMS), {ours['zeroed']:,} of {n:,} weights rounded to zero<br>"
             f"<b>whole tensor</b>: RMS error {whole['rms_error']:.2e} ({whole['relative_rms']:.1%}), "
             f"{whole['zeroed']:,} rounded to zero")
-        with plot:
-            plot.clear_output(wait=True)
-            fig, ax = plt.subplots(figsize=(7, 3))
+        with _redraw(plot, figsize=(7, 3)) as ax:
             limit = max(whole["max_error"], ours["max_error"], 1e-12)
             bins = _linspace(-limit, limit, 81)
             ax.hist(whole["error"].tolist(), bins=bins, alpha=0.5, label="one scale for the whole tensor")
@@ -331,9 +346,6 @@ def quantization_explorer(quantize_fn: Callable, dequantize_fn: Callable, n: int
             ax.set_ylabel("weights")
             ax.set_title(f"{bits.value}-bit absmax quantization of {n:,} weights, {outliers.value} outliers", fontsize=9)
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            plt.show()
-            plt.close(fig)
 
     box = widgets.VBox([widgets.HBox([widgets.VBox([bits, block]), widgets.VBox([outliers, scale])]), report, plot])
     return _show(box, "peftlab-quantization-explorer", (bits, block, outliers, scale), update)
