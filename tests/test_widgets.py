@@ -37,9 +37,12 @@ def test_unknown_method_is_rejected():
 
 def test_verdicts():
     assert widgets.fit_verdict(10 * GB, 80).startswith("Fits")
-    assert widgets.fit_verdict(75 * GB, 80).startswith("Only just")
+    assert widgets.fit_verdict(80 * GB, 80).startswith("Only just"), "an 80 GB card holds 80 GiB = 85.9e9 bytes"
+    assert widgets.fit_verdict(85 * GB, 80).startswith("Only just")
+    assert widgets.fit_verdict(86 * GB, 80).startswith("Does not fit")
+    assert "80 GiB (85.9 GB)" in widgets.fit_verdict(10 * GB, 80)
     verdict = widgets.fit_verdict(1120 * GB, 80)
-    assert verdict.startswith("Does not fit") and "at least 14" in verdict
+    assert verdict.startswith("Does not fit") and "at least 14" in verdict  # 1120 / 85.9 = 13.04
 
 
 def test_widget_follows_its_controls():
@@ -49,8 +52,8 @@ def test_widget_follows_its_controls():
     assert verdict.value.startswith("<b>Does not fit: 112.0 GB")
     method.value = "QLoRA"
     assert "Fits" in verdict.value
-    gpu.value = "T4 (16 GB)"
-    assert "of 16 GB" in verdict.value
+    gpu.value = "T4 (15 GiB)"
+    assert "of 15 GiB" in verdict.value or "GPU of 15 GiB" in verdict.value
     assert share.disabled is False
     method.value = "full fine-tuning"
     assert share.disabled is True
@@ -117,7 +120,28 @@ def test_log_axes_are_labelled_in_plain_text(monkeypatch):
 
     monkeypatch.setattr(plt, "show", show)
     widgets.lora_explorer(peft_lora_count)
-    assert drawn and len(drawn[-1]) == 2, "the LoRA explorer plots share against rank on log-log axes"
+    assert drawn and len(drawn[-1]) == 4, "the LoRA explorer's two plots are on log-log axes"
     for labels in drawn[-1]:
         assert any(labels), "a log axis without any tick label"
         assert not any("$" in label for label in labels), labels
+
+
+def test_lora_explorer_plots_what_alpha_does(monkeypatch):
+    """The alpha control moves a curve (the update's scale against the rank), not only a number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    monkeypatch.setattr(plt, "show", lambda *_, **__: curves.append(
+        {line.get_label(): list(line.get_ydata()) for line in plt.gcf().axes[1].get_lines()}))
+    box = widgets.lora_explorer(peft_lora_count)
+    model, rank, alpha = box.children[0].children[0].children
+    alpha.value, rank.value = 16, 8
+    before = curves[-1]["alpha / r (LoRA, peft default)"]
+    assert before == pytest.approx([16 / r for r in rank.options])
+    assert curves[-1]["alpha / sqrt(r) (rsLoRA)"] == pytest.approx([16 / r ** 0.5 for r in rank.options])
+    alpha.value = 64
+    assert curves[-1]["alpha / r (LoRA, peft default)"] == pytest.approx([4 * v for v in before])
+    assert "scaling alpha/r = 8" in box.children[1].value

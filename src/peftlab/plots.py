@@ -36,10 +36,10 @@ def stacked_memory_bars(ax, labels: Sequence[str], breakdowns: Sequence[Mapping[
         line = ax.axvline if horizontal else ax.axhline
         line(capacity, linestyle="--", color="0.3", linewidth=1)
         if horizontal:
-            ax.annotate(f"{name} ({capacity:g} GB)", (capacity, len(labels) - 0.5),
+            ax.annotate(f"{name} ({capacity:,.1f} GB)", (capacity, len(labels) - 0.5),
                         rotation=90, va="top", ha="right", fontsize=8, color="0.3")
         else:
-            ax.annotate(f"{name} ({capacity:g} GB)", (len(labels) - 0.5, capacity),
+            ax.annotate(f"{name} ({capacity:,.1f} GB)", (len(labels) - 0.5, capacity),
                         va="bottom", ha="right", fontsize=8, color="0.3")
     if horizontal:
         ax.set_yticks(list(positions), labels)

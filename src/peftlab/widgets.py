@@ -10,14 +10,19 @@ from contextlib import contextmanager
 from peftlab.plots import GB, stacked_memory_bars
 
 # Marketed memory in decimal GB; the usable part is a little less (the CUDA context takes ~0.5 GB).
+# GPU memory as the cards report it (the total in nvidia-smi and torch.cuda.get_device_properties), in
+# GiB: vendors sell GPU memory in binary units, so an "80 GB" A100 holds 80 GiB = 85.9e9 bytes, about
+# 7 % more than 80e9. Two cards report less than their label: a T4, sold as 16 GB, reports 15,360 MiB
+# (15 GiB), and an H200, sold as 141 GB, 143,771 MiB (140 GiB).
 GPUS = {
-    "T4 (16 GB)": 16,
-    "RTX 4090 (24 GB)": 24,
+    "T4 (15 GiB)": 15,
+    "RTX 4090 (24 GiB)": 24,
     "A100 40 GB": 40,
     "A100 80 GB": 80,
     "H100 80 GB": 80,
-    "H200 (141 GB)": 141,
+    "H200 (140 GiB)": 140,
 }
+GiB = 2**30
 
 # Bytes per parameter for the weight, its gradient and its optimizer state (Adam keeps two moments).
 PRECISIONS = {
@@ -76,18 +81,19 @@ def memory_breakdown(memory_fn: Callable, n_params: float, method: str, precisio
     }
 
 
-def fit_verdict(total_bytes: float, gpu_gb: float) -> str:
-    """A one-line verdict for ``total_bytes`` of training state on one GPU of ``gpu_gb`` GB."""
-    total_gb = total_bytes / GB
-    if total_gb > gpu_gb:
-        gpus = math.ceil(total_gb / gpu_gb)
-        return (f"Does not fit: {total_gb:,.1f} GB needed on a {gpu_gb:g} GB GPU "
+def fit_verdict(total_bytes: float, gpu_gib: float) -> str:
+    """A one-line verdict for ``total_bytes`` of training state on one GPU of ``gpu_gib`` GiB."""
+    total_gb, capacity_gb = total_bytes / GB, gpu_gib * GiB / GB
+    card = f"{gpu_gib:g} GiB ({capacity_gb:,.1f} GB)"
+    if total_gb > capacity_gb:
+        gpus = math.ceil(total_gb / capacity_gb)
+        return (f"Does not fit: {total_gb:,.1f} GB needed on a GPU of {card} "
                 f"(at least {gpus} such GPUs with the state sharded across them, before activations).")
-    left = gpu_gb - total_gb
-    if left < 0.1 * gpu_gb:
-        return (f"Only just: {total_gb:,.1f} GB of {gpu_gb:g} GB, leaving {left:,.1f} GB for "
+    left = capacity_gb - total_gb
+    if left < 0.1 * capacity_gb:
+        return (f"Only just: {total_gb:,.1f} GB of {card}, leaving {left:,.1f} GB for "
                 "activations and the CUDA context; expect out-of-memory errors.")
-    return f"Fits: {total_gb:,.1f} GB of {gpu_gb:g} GB, leaving {left:,.1f} GB for activations."
+    return f"Fits: {total_gb:,.1f} GB of {card}, leaving {left:,.1f} GB for activations."
 
 
 def will_it_fit(memory_fn: Callable):
@@ -123,8 +129,8 @@ def will_it_fit(memory_fn: Callable):
                          f"<span style='font-size:90%'>{detail}</span>")
         with _redraw(plot, figsize=(7, 1.9)) as ax:
             stacked_memory_bars(ax, [f"{model.value}, {method.value}"], [parts],
-                                {gpu.value: GPUS[gpu.value]}, horizontal=True)
-            ax.set_xlim(0, max(total / GB, GPUS[gpu.value]) * 1.08)
+                                {gpu.value: GPUS[gpu.value] * GiB / GB}, horizontal=True)
+            ax.set_xlim(0, max(total / GB, GPUS[gpu.value] * GiB / GB) * 1.08)
 
     box = widgets.VBox([model, precision, method, share, gpu, verdict, plot])
     return _show(box, "peftlab-will-it-fit", (model, precision, method, share, gpu), update)
@@ -190,13 +196,24 @@ def lora_explorer(lora_count_fn: Callable):
             f"scaling alpha/r = {s['scaling']:.3g} (rsLoRA alpha/sqrt(r) = {s['rslora_scaling']:.3g})")
         ranks = rank.options
         shares = [lora_summary(lora_count_fn, model.value, r, alpha.value, chosen)["share_percent"] for r in ranks]
-        with _redraw(plot, figsize=(6, 3)) as ax:
+        with _redraw(plot, figsize=(10, 3), ncols=2) as (ax, scale_ax):
             ax.loglog(ranks, shares, marker="o")
             ax.scatter([rank.value], [s["share_percent"]], s=120, zorder=3, color="C3", label=f"r = {rank.value}")
             ax.set_xlabel("rank r")
             ax.set_ylabel("trainable share of the model (%)")
             ax.set_title(f"{model.value}, targets: {', '.join(chosen)}", fontsize=9)
             ax.legend()
+            # What alpha does: it multiplies the update BA. With alpha fixed, alpha / r shrinks the update
+            # as the rank grows; rsLoRA's alpha / sqrt(r) shrinks it more slowly.
+            scale_ax.loglog(ranks, [alpha.value / r for r in ranks], marker="o", label="alpha / r (LoRA, peft default)")
+            scale_ax.loglog(ranks, [alpha.value / math.sqrt(r) for r in ranks], marker="s", linestyle="--",
+                            label="alpha / sqrt(r) (rsLoRA)")
+            scale_ax.scatter([rank.value], [s["scaling"]], s=120, zorder=3, color="C3")
+            scale_ax.set_xlabel("rank r")
+            scale_ax.set_ylabel("scale of the update BA")
+            scale_ax.set_title(f"lora_alpha = {alpha.value}: the update is multiplied by {s['scaling']:.3g} at r = {rank.value}",
+                               fontsize=9)
+            scale_ax.legend(fontsize=8)
 
     box = widgets.VBox([widgets.HBox([widgets.VBox([model, rank, alpha]), targets]), report, plot])
     return _show(box, "peftlab-lora-explorer", (model, rank, alpha, targets), update)
@@ -243,9 +260,9 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
 
 
 @contextmanager
-def _redraw(plot, figsize: tuple[float, float]):
-    """Replace the figure in the ``plot`` Output widget: yields a fresh Axes, then lays out, shows and
-    closes the figure (the inline backend has drawn it; keeping every redraw would leak memory).
+def _redraw(plot, figsize: tuple[float, float], ncols: int = 1):
+    """Replace the figure in the ``plot`` Output widget: yields a fresh Axes (``ncols`` of them when
+    more than one), then lays out, shows and closes the figure (the inline backend has drawn it; keeping every redraw would leak memory).
 
     Log axes get plain-text labels ("100", "0.01") instead of matplotlib's default mathtext ones
     ("$10^{2}$"): a redraw of the quantization explorer failed inside the mathtext parser
@@ -258,10 +275,12 @@ def _redraw(plot, figsize: tuple[float, float]):
 
     with plot:
         plot.clear_output(wait=True)
-        fig, ax = plt.subplots(figsize=figsize)
+        fig, axes = plt.subplots(1, ncols, figsize=figsize, squeeze=False)
+        axes = list(axes[0])
         try:
-            yield ax
-            _plain_log_labels(ax)
+            yield axes[0] if ncols == 1 else axes
+            for ax in axes:
+                _plain_log_labels(ax)
             fig.tight_layout()
             plt.show()
         finally:
