@@ -40,6 +40,11 @@ MUTANTS = {
                                                         ["prefix_generate_uses_the_prefix"]),
     "generate returns new tokens only": (GEN, "return torch.cat(tokens, dim=1)", "return torch.cat(tokens[1:], dim=1)",
                                          ["prefix_generate_uses_the_prefix"]),
+    "generate ignores the attention mask": (GEN, "if attention_mask is None:", "if True:",
+                                            ["prefix_generate_uses_the_prefix"]),
+    "generate forgets the mask after the first step": (GEN, "out = self.model(input_ids=next_token, attention_mask=full_mask, cache=out.cache)",
+                                                       "out = self.model(input_ids=next_token, cache=out.cache)",
+                                                       ["prefix_generate_uses_the_prefix"]),
     "generate off by one": (GEN, "for step in range(max_new_tokens):", "for step in range(max_new_tokens - 1):",
                             ["prefix_generate_uses_the_prefix"]),
 }
