@@ -154,3 +154,39 @@ def test_checks_cannot_be_emptied_by_a_short_report(path):
                 assert any(k.arg == "strict" for k in node.keywords), f"{grade_id}: zip(...) without strict=True"
             if isinstance(node, ast.For):
                 assert root(node.iter) not in observed, f"{grade_id}: a loop over {ast.unparse(node.iter)} (observed)"
+
+
+def _defined_names(source: str) -> set[str]:
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    # Methods count too (a renamed copy of an exercise's class still repeats its forward), dunders do not.
+    return {node.name for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("__")}
+
+
+def test_no_release_notebook_carries_another_exercise_s_answer():
+    """A graded function or class is defined only in its own exercise cell (where the release has a
+    stub): no other cell of any release notebook may define it again, which would hand students the
+    answer of an exercise (course/03 once carried 02's soft-prompt count and class)."""
+    graded = {}  # name -> (notebook, grade_id) of the solution cell that defines it
+    for path in SOLUTION_NBS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            meta = nbgrader_meta(cell)
+            if cell.cell_type == "code" and meta.get("solution"):
+                for name in _defined_names(cell.source):
+                    graded.setdefault(name, (path.parent.name, meta["grade_id"]))
+    assert {"soft_prompt_param_count", "LoRALinear", "quantize_nf4"} <= set(graded), sorted(graded)
+    found = []
+    for path in RELEASE_NBS:
+        for cell in nbformat.read(path, as_version=4).cells:
+            meta = nbgrader_meta(cell)
+            if cell.cell_type != "code" or meta.get("solution"):
+                continue
+            for name in _defined_names(cell.source) & set(graded):
+                found.append(f"{path.parent.name}, cell {cell.get('id')}: defines {name} "
+                             f"(the exercise {graded[name][1]} of {graded[name][0]})")
+    assert not found, "\n".join(found)

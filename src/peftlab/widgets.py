@@ -219,9 +219,10 @@ def lora_explorer(lora_count_fn: Callable):
     return _show(box, "peftlab-lora-explorer", (model, rank, alpha, targets), update)
 
 
-def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable | None = None):
+def virtual_token_explorer(prompt_count_fn: Callable | None = None, prefix_count_fn: Callable | None = None):
     """Number of virtual tokens and model size -> trainable parameters and share of the model, for
-    prompt tuning (``prompt_count_fn(config, P)``) and, when given, prefix tuning (``prefix_count_fn``)."""
+    prompt tuning (``prompt_count_fn(config, P)``) and/or prefix tuning (``prefix_count_fn``): each
+    notebook passes only the student's own functions."""
     import ipywidgets as widgets
 
     from peftlab.models import LLAMA_FAMILY, family_config
@@ -231,9 +232,10 @@ def virtual_token_explorer(prompt_count_fn: Callable, prefix_count_fn: Callable 
     tokens = widgets.IntSlider(value=16, min=1, max=256, description="Virtual tokens P", style=style)
     report = widgets.HTML()
     plot = widgets.Output()
-    methods = {"prompt tuning": prompt_count_fn}
-    if prefix_count_fn is not None:
-        methods["prefix tuning"] = prefix_count_fn
+    methods = {name: fn for name, fn in (("prompt tuning", prompt_count_fn), ("prefix tuning", prefix_count_fn))
+               if fn is not None}
+    if not methods:
+        raise ValueError("give prompt_count_fn, prefix_count_fn or both")
 
     def update(*_):
         config, total = family_config(model.value), _model_total(model.value)
