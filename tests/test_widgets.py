@@ -53,7 +53,7 @@ def test_widget_follows_its_controls():
     method.value = "QLoRA"
     assert "Fits" in verdict.value
     gpu.value = "T4 (15 GiB)"
-    assert "of 15 GiB" in verdict.value or "GPU of 15 GiB" in verdict.value
+    assert "of 15 GiB" in verdict.value
     assert share.disabled is False
     method.value = "full fine-tuning"
     assert share.disabled is True
