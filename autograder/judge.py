@@ -105,9 +105,10 @@ class Judge:
     """Verdicts for one notebook. ``send(source, name, arguments) -> report text`` runs an @observe
     function in the student's kernel, raising `ProbeFailed` when no report comes back."""
 
-    def __init__(self, send, student_names: set[str]):
+    def __init__(self, send, student_names: set[str], reference_use=None):
         self.send = send
         self.student_names = set(student_names)
+        self.reference_use = reference_use  # `autograder.oracles.Use`: answers that call the tests' reference
         self.namespace: dict = {"__name__": "__main__"}
         self.sources: dict[str, str] = {}
         self.verdicts: dict[str, Verdict] = {}
@@ -128,7 +129,15 @@ class Judge:
             exec(compile(source, "<locked cell>", "exec"), self.namespace)
 
     def test(self, grade_id: str, source: str) -> Verdict:
-        """Run a test's visible part now; keep its hidden part for `finish`."""
+        """Run a test's visible part now; keep its hidden part for `finish`. A test that calls an
+        answer using the tests' reference code fails without running: no points for that exercise."""
+        hit = self.reference_use.zeroed(source) if self.reference_use is not None else None
+        if hit:
+            name, why = hit
+            self.flags.append(f"{grade_id} scored no points: {name} {why} (the tests' reference code)")
+            self.verdicts[grade_id] = Verdict(False, "ReferenceCodeUsed", f"{name} {why}, the tests' reference code: "
+                                              "an answer that uses it scores no points for this test")
+            return self.verdicts[grade_id]
         visible, hidden = split_test(source)
         verdict = self._exec(grade_id, visible, self.namespace, hidden=False)
         self.verdicts[grade_id] = verdict
@@ -158,6 +167,8 @@ class Judge:
             with self._runner(), _quiet():
                 exec(compile(source, filename, "exec"), namespace)
         except probe.KernelError as exc:
+            if exc.ename == "ReferenceUnavailable":
+                self.flags.append(f"{grade_id}: the student's code called the tests' reference code, absent while graded")
             return Verdict(False, exc.ename[:100], exc.evalue[:1000] or "(raised by your code)")
         except ProbeFailed as exc:
             return Verdict(False, exc.ename, exc.evalue[:1000])

@@ -144,6 +144,8 @@ class Kernel:
                          "--max-tasks", str(4 * self.limits.max_procs + 2 * self.threads + 64)]
             for path in sandbox_read_only(self.expose):
                 launcher += ["--ro", path]
+            for replacement, path in reference_covers(self.folder / "covers"):
+                launcher += ["--cover", replacement, path]
         else:
             home = str(self.folder / "home")
             launcher += ["--no-namespaces"]
@@ -361,6 +363,54 @@ def sandbox_read_only(extra: list[str] = ()) -> list[str]:
     root = str(ROOT)
     # Never the course root itself (solutions, gradebook): only the environment and the package inside it.
     return [p for p in dict.fromkeys(paths) if p != root and not _contains(p, root)]
+
+
+REFERENCE_STUB = '''"""peftlab.reference while work is graded: the tests' reference code is not here.
+
+The tests run in the grader; this stub stands in for the module in the student's sandbox, so that no
+answer can call what the tests compare it with (see peftlab.reference and autograder.oracles)."""
+
+
+class ReferenceUnavailable(RuntimeError):
+    """The tests' reference code was called from the student's side while graded."""
+
+
+def _unavailable(name):
+    def unavailable(*args, **kwargs):
+        raise ReferenceUnavailable(f"peftlab.reference.{name} is the tests' reference code: it is not "
+                                   "available while work is graded, and an answer cannot use it")
+
+    unavailable.__name__ = unavailable.__qualname__ = name
+    return unavailable
+
+
+__all__ = {names!r}
+for _name in __all__:
+    globals()[_name] = _unavailable(_name)
+'''
+
+
+def reference_covers(folder: Path) -> list[tuple[str, str]]:
+    """``(replacement, file)`` pairs that hide the tests' reference code in the sandbox: a stub in
+    place of ``peftlab/reference.py``, and an empty file in place of each of its compiled copies (so
+    that a student cannot load the real bytecode either). Made once per kernel, in ``folder``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("peftlab.reference")
+    if spec is None or not spec.origin:
+        return []
+    from peftlab import reference
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stub, empty = folder / "reference.py", folder / "empty"
+    stub.write_text(REFERENCE_STUB.replace("{names!r}", repr(sorted(reference.__all__))))
+    empty.write_bytes(b"")
+    origin = os.path.realpath(spec.origin)
+    pairs = [(str(stub), origin)]
+    cache = Path(origin).parent / "__pycache__"
+    for compiled in sorted(cache.glob("reference.*.pyc")) if cache.is_dir() else []:
+        pairs.append((str(empty), str(compiled.resolve())))
+    return pairs
 
 
 def _contains(outer: str, inner: str) -> bool:

@@ -122,8 +122,9 @@ def _place(root: str, path: str, fd: int) -> None:
     os.close(fd)
 
 
-def build_root(root: str, ro: list[str], rw: list[str]) -> None:
-    """In the new mount namespace: an empty tmpfs at ``root`` holding only the allowed paths."""
+def build_root(root: str, ro: list[str], rw: list[str], covers: list[tuple[str, str]] = ()) -> None:
+    """In the new mount namespace: an empty tmpfs at ``root`` holding only the allowed paths, with
+    each ``(replacement, path)`` of ``covers`` shown read-only in place of the file at ``path``."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     wanted = [(os.path.realpath(p), True) for p in ro] + [(os.path.realpath(p), False) for p in rw]
     clones = []  # taken before anything is covered: the sources may lie anywhere, /tmp included
@@ -134,6 +135,8 @@ def build_root(root: str, ro: list[str], rw: list[str]) -> None:
     clones = [(path, _clone_tree(path, read_only)) for path, read_only in clones]
     devices = [(f"/dev/{d}", _clone_tree(f"/dev/{d}", False, devices=True)) for d in DEVICES if os.path.exists(f"/dev/{d}")]
     etc = [(p, _clone_tree(p, True)) for p in ("/etc/ld.so.cache",) if os.path.isfile(p)]
+    covered = [(os.path.realpath(path), _clone_tree(replacement, True)) for replacement, path in covers
+               if os.path.isfile(replacement) and os.path.isfile(path)]
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
     # /bin, /lib, ... are symlinks into /usr on most distributions: the same links in the new root.
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -144,6 +147,10 @@ def build_root(root: str, ro: list[str], rw: list[str]) -> None:
         _mount("tmpfs", root + private, "tmpfs", MS_NOSUID | MS_NODEV, "size=128m,mode=1777")
     for path, fd in sorted(clones, key=lambda item: len(item[0])):
         _place(root, path, fd)
+    for path, fd in covered:  # over files the clones brought; the mounts are locked like the others
+        if os.path.isfile(root + path):
+            _syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, (root + path).encode(), MOVE_MOUNT_F_EMPTY_PATH)
+        os.close(fd)
     os.makedirs(root + "/dev", exist_ok=True)
     for path, fd in devices:
         _place(root, path, fd)
@@ -217,7 +224,7 @@ def _setup(args, command: list[str], ready_w: int, go_r: int) -> int:
         _map_own_ids(uid, gid)
     os.close(ready_w)
     os.close(go_r)
-    build_root(args.root, args.ro, args.rw)
+    build_root(args.root, args.ro, args.rw, [tuple(pair) for pair in args.cover])
     pid = os.fork()
     if pid == 0:
         try:
@@ -244,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ro", action="append", default=[], help="a path to show read-only (repeatable)")
     parser.add_argument("--rw", action="append", default=[], help="a path to show writable (repeatable)")
     parser.add_argument("--readable", action="append", default=[], help="a file the sandbox's user must read")
+    parser.add_argument("--cover", action="append", nargs=2, default=[], metavar=("REPLACEMENT", "FILE"),
+                        help="show REPLACEMENT in place of FILE, read-only (repeatable)")
     parser.add_argument("--cwd", default="/home/student/work")
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--max-tasks", type=int, default=None, help="RLIMIT_NPROC (processes and threads)")

@@ -4,6 +4,7 @@ a real kernel, or run their graded path in-process (fast, for trying many studen
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 from pathlib import Path
@@ -50,11 +51,13 @@ def hidden_test_lines(nb) -> list[str]:
     return lines
 
 
-def execute(path: Path, timeout: int = 600, allow_errors: bool = False):
-    """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder."""
+def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_cells=()):
+    """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder; the code of
+    ``extra_cells`` runs after its last cell."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()
@@ -82,10 +85,17 @@ def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo"
     from autograder.judge import used_names as judge_names
     from autograder.prepare import student_names
 
+    from autograder import oracles
+
     replace = dict(replace or {})
     kernel = LocalKernel()
     student = set(student_names(nb))
-    judge = Judge(kernel.send, student)
+    graded = copy.deepcopy(nb)  # the notebook as graded: the replaced answers read as the grader reads them
+    for cell in graded.cells:
+        grade_id = nbgrader_meta(cell).get("grade_id")
+        if grade_id in replace and nbgrader_meta(cell).get("solution"):
+            cell["source"] = replace[grade_id]
+    judge = Judge(kernel.send, student, oracles.find(graded))
     for cell in nb.cells:
         if cell["cell_type"] != "code" or set(skip_tags) & set(cell.get("metadata", {}).get("tags", [])):
             continue

@@ -342,7 +342,7 @@ time.sleep(12)  # waiting is not computing: a CPU-time limit of 10 s does not co
 
 ORACLE = '''
 def llama_param_count(config):
-    from peftlab.reference import meta_model
+    from peftlab.models import meta_model
     return sum(p.numel() for p in meta_model(config).parameters())
 '''
 

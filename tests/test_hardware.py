@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from peftlab import hardware, lab
+from peftlab import hardware, lab, reference
 from peftlab.hardware import GiB, KNOWN_GPUS, Device
 from peftlab.models import family_config, tiny_llama
 
@@ -66,7 +66,7 @@ def test_a_cpu_computes_in_fp32_with_plain_adamw():
 
 def _predictor(config, load_in_4bit=True, seq_len=512, optimizer="paged_adamw_8bit", dtype=torch.bfloat16):
     def predict(batch, checkpointing):
-        return hardware.predict_peak_bytes(config, batch_size=batch, seq_len=seq_len, r=16, load_in_4bit=load_in_4bit,
+        return reference.predict_peak_bytes(config, batch_size=batch, seq_len=seq_len, r=16, load_in_4bit=load_in_4bit,
                                            compute_dtype=dtype, optimizer=optimizer,
                                            gradient_checkpointing=checkpointing, lora_dropout=0.05)["total"]
     return predict
@@ -79,7 +79,7 @@ def test_training_settings_fit_each_gpu(gpu, model):
     config = family_config(model)
     dtype = hardware.compute_dtype(device)
     predict = _predictor(config, dtype=dtype)
-    chosen = hardware.training_settings(device, predict)
+    chosen = reference.training_settings(device, predict)
     budget = device.total_memory * 0.9 - hardware.CUDA_CONTEXT_BYTES
     assert chosen["precision"] == hardware.precision(device) and chosen["optimizer"] == "paged_adamw_8bit"
     batch, checkpointing = chosen["batch_size"], chosen["gradient_checkpointing"]
@@ -95,31 +95,32 @@ def test_training_settings_fit_each_gpu(gpu, model):
 def test_expected_choices_on_the_extremes():
     t4, h100 = KNOWN_GPUS["T4"], KNOWN_GPUS["H100"]
     eight = family_config("Llama-3.1-8B")
-    on_t4 = hardware.training_settings(t4, _predictor(eight, dtype=torch.float16))
+    on_t4 = reference.training_settings(t4, _predictor(eight, dtype=torch.float16))
     assert on_t4["precision"] == "fp16" and on_t4["gradient_checkpointing"] is True and 1 <= on_t4["batch_size"] < 8
     one = family_config("Llama-3.2-1B")
-    on_h100 = hardware.training_settings(h100, _predictor(one))
+    on_h100 = reference.training_settings(h100, _predictor(one))
     assert on_h100 == {"precision": "bf16", "optimizer": "paged_adamw_8bit", "gradient_checkpointing": False, "batch_size": 16}
-    big = hardware.training_settings(Device("small", (8, 6), 4 * GiB), _predictor(eight))
+    big = reference.training_settings(Device("small", (8, 6), 4 * GiB), _predictor(eight))
     assert big["batch_size"] == 0, "8B does not fit 4 GiB: said, not attempted"
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_weight_terms_count_what_the_model_holds(model):
     config = family_config(model)
-    from peftlab.reference import meta_model, peft_lora_count
+    from peftlab.models import meta_model
+    from peftlab.reference import peft_lora_count
 
     meta = meta_model(config)
     linear = sum(m.weight.numel() for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     total = sum(p.numel() for p in meta.parameters())
-    q = hardware.predict_peak_bytes(config, batch_size=1, seq_len=128, r=16, load_in_4bit=True, optimizer="paged_adamw_8bit")
+    q = reference.predict_peak_bytes(config, batch_size=1, seq_len=128, r=16, load_in_4bit=True, optimizer="paged_adamw_8bit")
     assert q["quantized_weights"] == pytest.approx(linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8)
     assert q["unquantized_weights"] == (total - linear) * 4, "embeddings, lm_head and norms stay unquantized, in fp32"
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert q["trainable_parameters"] == peft_lora_count(config, 16, targets)
     assert q["adapter_weights"] == q["gradients"] == 4 * q["trainable_parameters"]
     assert q["optimizer_state"] == 2 * q["trainable_parameters"], "8-bit AdamW: two 1-byte moments"
-    plain = hardware.predict_peak_bytes(config, batch_size=1, seq_len=128, r=16, load_in_4bit=False,
+    plain = reference.predict_peak_bytes(config, batch_size=1, seq_len=128, r=16, load_in_4bit=False,
                                         optimizer="adamw_torch", compute_dtype=torch.bfloat16)
     assert plain["quantized_weights"] == 0 and plain["unquantized_weights"] == total * 2
     assert plain["optimizer_state"] == 8 * plain["trainable_parameters"]
@@ -129,8 +130,8 @@ def test_weight_terms_count_what_the_model_holds(model):
 
 def test_gradient_checkpointing_cuts_activations():
     config = family_config("Llama-3.1-8B")
-    full = hardware.predict_peak_bytes(config, batch_size=4, seq_len=1024, r=16, gradient_checkpointing=False)
-    ckpt = hardware.predict_peak_bytes(config, batch_size=4, seq_len=1024, r=16, gradient_checkpointing=True)
+    full = reference.predict_peak_bytes(config, batch_size=4, seq_len=1024, r=16, gradient_checkpointing=False)
+    ckpt = reference.predict_peak_bytes(config, batch_size=4, seq_len=1024, r=16, gradient_checkpointing=True)
     assert ckpt["activations"] < full["activations"] / 8
     assert ckpt["quantized_weights"] == full["quantized_weights"]
 
@@ -154,7 +155,7 @@ def test_activations_are_what_autograd_keeps(dropout):
         model(input_ids=ids, labels=ids)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(v for k, v in saved.items() if k not in params)
-    predicted = hardware.predict_peak_bytes(model.config, batch_size=4, seq_len=64, r=8, load_in_4bit=False,
+    predicted = reference.predict_peak_bytes(model.config, batch_size=4, seq_len=64, r=8, load_in_4bit=False,
                                             compute_dtype=torch.float32, optimizer="adamw_torch",
                                             gradient_checkpointing=False, lora_dropout=dropout)["activations"]
     assert abs(predicted / measured - 1) < 0.06, (predicted, measured)

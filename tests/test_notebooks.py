@@ -32,12 +32,33 @@ def test_solution_runs_top_to_bottom_and_passes_every_test(path):
         assert not stderr, f"{grade_id} writes to stderr, which nbgrader scores as a failure: {stderr}"
 
 
+# Run after a whole release notebook: what of the tests' reference code a student's next cell could call.
+REACHABLE_PROBE = """
+import json as _json, sys as _sys, types as _types
+_ref, _found = _sys.modules.get("peftlab.reference"), []
+if _ref is not None:
+    _oracles = {id(_ref)} | {id(v) for v in vars(_ref).values() if getattr(v, "__module__", None) == _ref.__name__}
+    for _n, _v in list(globals().items()):
+        if id(_v) in _oracles:
+            _found.append(_n)
+        elif isinstance(_v, _types.ModuleType):
+            _found += [f"{_n}.{_a}" for _a, _w in vars(_v).items() if not _a.startswith("_") and id(_w) in _oracles]
+print("REACHABLE", _json.dumps(_found))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RELEASE_NBS, ids=ids)
 def test_release_stubs_fail_every_graded_test(path):
-    nb = execute(path, allow_errors=True)
+    """...and, once every cell has run (tests included), no name in the notebook's namespace, nor a
+    public attribute of a module there, is the tests' reference code."""
+    nb = execute(path, allow_errors=True, extra_cells=[REACHABLE_PROBE])
     passing = [gid for gid, cell in graded_test_cells(nb).items() if not cell_errors(cell)]
     assert not passing, f"graded tests that pass without the student's work: {passing}"
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o["output_type"] == "stream")
+    assert "REACHABLE" in printed, nb.cells[-1].outputs
+    reachable = json.loads(printed.split("REACHABLE", 1)[1])
+    assert not reachable, f"the tests' reference code is in the student's namespace: {reachable}"
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BitsAndBytesConfig
 
-from peftlab import quant, widgets
+from peftlab import quant, reference, widgets
 from peftlab.models import tiny_llama, tiny_llama_config
 from peftlab.training import train
 
@@ -20,9 +20,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def test_bnb_reference_unpacks_its_own_bytes():
     w = torch.randn(5, 27)  # 135 values: an odd count and a tail block
-    ref = quant.bnb_nf4(w)
+    ref = reference.bnb_nf4(w)
     assert ref["codes"].shape == (135,) and ref["packed"].shape == (68,) and ref["absmax"].shape == (3,)
-    table = quant.nf4_table()
+    table = reference.nf4_table()
     restored = (table[ref["codes"].long()].view(-1)[:128].view(2, 64) * ref["absmax"][:2, None]).reshape(-1)
     assert torch.equal(restored, ref["dequantized"].reshape(-1)[:128])
     assert ref["packed"][-1] & 0xF == 7, "bitsandbytes pads an odd count with the code of 0.0"
@@ -30,8 +30,8 @@ def test_bnb_reference_unpacks_its_own_bytes():
 
 def test_storage_bits_follow_the_qlora_paper():
     w = torch.randn(64 * 256 * 2)
-    assert quant.bnb_storage_bits(w, double_quant=False) == 4.5
-    assert quant.bnb_storage_bits(w, double_quant=True) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+    assert reference.bnb_storage_bits(w, double_quant=False) == 4.5
+    assert reference.bnb_storage_bits(w, double_quant=True) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
 
 
 def test_outlier_weights_are_seeded():

@@ -129,3 +129,49 @@ def test_a_root_grader_runs_kernels_as_an_unprivileged_user(inside):
     if os.getuid() == 0:
         owner = (scratch / "ok.txt").stat().st_uid
         assert owner >= sandbox.OUTSIDE_BASE, f"the file a kernel wrote belongs to uid {owner} outside"
+
+
+REFERENCE_PROBE = r'''
+import glob, importlib.util, json, os, subprocess
+import peftlab.reference as reference
+out = {"file": reference.__file__, "stub": "while work is graded" in open(reference.__file__).read()}
+try:
+    reference.peft_lora_count(None, 8, ["q_proj"])
+    out["call"] = "returned"
+except Exception as exc:
+    out["call"] = type(exc).__name__
+cache = os.path.join(os.path.dirname(reference.__file__), "__pycache__")
+out["compiled"] = {path: os.path.getsize(path) for path in glob.glob(os.path.join(cache, "reference.*.pyc"))}
+out["umount"] = subprocess.run(["umount", "-l", reference.__file__], capture_output=True).returncode
+out["names"] = sorted(reference.__all__)
+print(json.dumps(out))
+'''
+
+
+def test_the_tests_reference_code_is_not_in_the_sandbox(tmp_path):
+    """While work is graded, peftlab.reference is a stub that raises, its compiled copies are empty,
+    and neither can be uncovered from inside."""
+    import py_compile
+
+    from autograder.kernel import reference_covers
+    from peftlab import reference
+
+    py_compile.compile(reference.__file__, doraise=True)  # a real compiled copy to hide, as a fresh checkout has
+    root = tmp_path / "root"
+    root.mkdir()
+    argv = [sys.executable, str(ROOT / "autograder" / "sandbox.py"), "--root", str(root), "--memory-mb", "4000",
+            "--cwd", "/home/student/work"]
+    for path in sandbox_read_only():
+        argv += ["--ro", path]
+    covers = reference_covers(tmp_path / "covers")
+    assert len(covers) >= 2, covers
+    for replacement, path in covers:
+        argv += ["--cover", replacement, path]
+    done = subprocess.run(argv + ["--", sys.executable, "-c", REFERENCE_PROBE], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HOME": "/home/student", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["stub"] and out["call"] == "ReferenceUnavailable", out
+    assert out["compiled"] and not any(out["compiled"].values()), out["compiled"]
+    assert out["umount"] != 0 and out["names"] == sorted(reference.__all__)
+    assert "def peft_lora_count" in Path(reference.__file__).read_text(), "outside, the real module is untouched"

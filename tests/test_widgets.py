@@ -72,7 +72,7 @@ reference_lora_count = peft_lora_count  # what peft itself trains
 
 def test_family_configs_give_the_published_sizes():
     from peftlab.models import LLAMA_FAMILY, family_config
-    from peftlab.reference import meta_model, param_count
+    from peftlab.models import meta_model, param_count
 
     sizes = {name: param_count(meta_model(family_config(name))) for name in LLAMA_FAMILY}
     assert sizes["SmolLM2-135M"] == 134_515_008

@@ -4,11 +4,16 @@ rather than print a bare traceback.
 `assert_close` and `expect_error` check values an ``@observe`` function returned (see
 `peftlab.probe`); `raised` and `float_tensors` are for use inside one (the grader sends its own copy of
 them with every observation).
+
+Importing this module in a notebook also keeps the tests' reference code (`peftlab.reference`) out of
+the notebook's namespace: after every cell, the names a test cell imported from it are removed again,
+so that no answer can call them (see `forget_reference`).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 from peftlab.probe import Unreadable, float_tensors, observe, raised  # noqa: F401 - the test cells' imports
 
@@ -36,4 +41,40 @@ def assert_close(actual, expected, rel: float = 1e-9, abs_tol: float = 0.0, what
         raise AssertionError(f"{what} should be {expected:,.6g}, got {actual:,.6g}")
 
 
-__all__ = ["Unreadable", "assert_close", "expect_error", "float_tensors", "observe", "raised"]
+def forget_reference(*_) -> list[str]:
+    """Take the tests' reference code out of the notebook's namespace: every global bound to
+    `peftlab.reference` or to one of its functions, and the package's ``reference`` attribute (the
+    module stays loaded, so a test cell's next import costs nothing). Runs after every cell; returns
+    the names removed."""
+    module = sys.modules.get("peftlab.reference")
+    shell = _shell()
+    if module is None or shell is None:
+        return []
+    oracles = {id(module)} | {id(value) for value in vars(module).values()
+                               if getattr(value, "__module__", None) == module.__name__}
+    removed = [name for name, value in list(shell.user_ns.items()) if id(value) in oracles]
+    for name in removed:
+        del shell.user_ns[name]
+    package = sys.modules.get("peftlab")
+    if package is not None and vars(package).get("reference") is module:
+        delattr(package, "reference")
+    return removed
+
+
+def _shell():
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return None
+    return get_ipython()
+
+
+def _watch() -> None:
+    shell = _shell()
+    if shell is not None and forget_reference not in shell.events.callbacks.get("post_run_cell", []):
+        shell.events.register("post_run_cell", forget_reference)
+
+
+_watch()
+
+__all__ = ["Unreadable", "assert_close", "expect_error", "float_tensors", "forget_reference", "observe", "raised"]

@@ -1,7 +1,8 @@
-"""What a LoRA or QLoRA run needs from a device, decided in one place: the precision (from the GPU's
-compute capability), the optimizer, gradient checkpointing, a batch size that fits, and a memory
-prediction whose terms are named. The GPU lab (`peftlab.lab`) uses these functions; notebook 07 asks
-the learner to write `predict_peak_bytes` and `training_settings` and checks them against these.
+"""What a LoRA or QLoRA run needs from a device: the precision (from the GPU's compute capability),
+the optimizer, the shapes and parameter inventory of a model, the bytes of each storage format, and the
+learning-rate recipe. The memory prediction and the choice of batch size and checkpointing, which
+notebook 07 asks the learner to write, are the tests' reference code (`peftlab.reference`
+`predict_peak_bytes` and `training_settings`); the GPU lab (`peftlab.lab`) uses them from there.
 
 Devices are plain descriptions (`Device`): what `torch.cuda.get_device_properties` reports, or the
 CPU. GPU memory is sold in binary units: an "80 GB" A100 has 80 GiB = 85.9e9 bytes.
@@ -133,121 +134,10 @@ def meta_inventory(config) -> dict:
 _INVENTORY: dict[str, dict] = {}
 
 
-def _targets(linear: dict, target_modules) -> dict:
-    if target_modules in ("all-linear", None):
-        return dict(linear)
-    if isinstance(target_modules, str):
-        target_modules = [target_modules]
-    return {name: shape for name, shape in linear.items() if name.split(".")[-1] in set(target_modules)}
-
-
-def predict_peak_bytes(config, *, batch_size: int, seq_len: int, r: int, target_modules="all-linear",
-                       load_in_4bit: bool = True, compute_dtype=None, optimizer: str = "paged_adamw_8bit",
-                       gradient_checkpointing: bool = True, lora_dropout: float = 0.0) -> dict:
-    """Peak memory of one training step of LoRA (``load_in_4bit=False``) or QLoRA, in bytes, by term:
-
-    - ``quantized_weights``: the frozen linear layers in NF4 with double quantization (4.127 bits each);
-    - ``unquantized_weights``: every other base parameter (embeddings, the output layer, norms, biases),
-      in fp32 under QLoRA (`prepare_model_for_kbit_training` casts them), else in the compute dtype;
-    - ``adapter_weights`` and ``gradients``: fp32 LoRA matrices (peft keeps adapters in fp32);
-    - ``optimizer_state``: per trainable parameter, `OPTIMIZER_STATE_BYTES` of the optimizer named;
-    - ``activations``: what autograd keeps for the backward pass (below), with gradient checkpointing
-      only each layer's input plus one layer recomputed at a time;
-    - ``logits``: the model's output logits (kept with the output, in the compute dtype) and their
-      fp32 gradient in the backward pass;
-    - ``dequantized_weight``: under QLoRA the backward pass dequantizes a whole 4-bit weight to the
-      compute dtype before its matrix product (bitsandbytes' MatMul4Bit): the largest one;
-    - ``total``: their sum, what PyTorch's allocator holds at the peak (``torch.cuda.max_memory_allocated``
-      on a GPU); the CUDA context comes on top (`training_settings` reserves it).
-
-    Activations per token of one decoder layer, with the base frozen (PyTorch keeps no input of a
-    linear layer whose weight needs no gradient, and bitsandbytes keeps none of a 4-bit one): the two
-    norms' fp32 inputs (2 x 4h bytes); attention's queries, keys, values (repeated to every head) and
-    output (4 x heads x head_dim elements); the gated MLP's gate, up and product (3 x intermediate);
-    for every adapted layer, the fp32 input of its lora_A and
-    the r values of its A product (dropout adds an fp32 mask a layer). Per token, the output layer's logits in the compute dtype, their fp32
-    copy and the loss's log-probabilities (4 + 4 bytes a vocabulary entry on top).
-    """
-    import torch
-
-    dtype = compute_dtype or torch.bfloat16
-    cd = torch.empty((), dtype=dtype).element_size()
-    s = shapes(config)
-    inv = meta_inventory(config)
-    targets = _targets(inv["linear"], target_modules)
-    trainable = sum(r * (i + o) for i, o in targets.values())
-    quantized = inv["quantized"] if load_in_4bit else 0
-    terms = {
-        "quantized_weights": quantized * NF4_BYTES,
-        "unquantized_weights": (inv["total"] - quantized) * (4 if load_in_4bit else cd),
-        "adapter_weights": trainable * 4,
-        "gradients": trainable * 4,
-        "optimizer_state": trainable * OPTIMIZER_STATE_BYTES[optimizer],
-    }
-    tokens = batch_size * seq_len
-    h, heads, kv, e, inter = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["intermediate"]
-    per_layer = (2 * 4 * h                                     # the two norms' fp32 inputs
-                 + (2 * heads + 2 * kv) * e * cd + heads * 4   # attention: q, k, v, output; log-sum-exp
-                 + (3 if s["gated_mlp"] else 1) * inter * cd)  # MLP: gate, up, their product
-    per_layer += _lora_inputs(targets, s["layers"], r, cd, lora_dropout)
-    logits = s["vocab"] * 4                                    # the loss keeps fp32 log-probabilities
-    if gradient_checkpointing:
-        activations = tokens * (s["layers"] * h * cd + per_layer + logits)
-    else:
-        activations = tokens * (s["layers"] * per_layer + logits)
-    terms["activations"] = activations
-    terms["logits"] = tokens * s["vocab"] * (cd + 4)  # the output's logits, and their fp32 gradient
-    largest = max((i * o for i, o in inv["linear"].values()), default=0)
-    terms["dequantized_weight"] = largest * cd if load_in_4bit else 0
-    terms["total"] = sum(terms.values())
-    terms["trainable_parameters"] = trainable
-    return terms
-
-
-def _lora_inputs(targets: dict, layers: int, r: int, cd: int, dropout: float) -> float:
-    """Bytes per token and layer that LoRA adds: every adapted layer's lora_A keeps its input in fp32
-    (its own copy, cast from the compute dtype or through dropout, which also keeps its fp32 mask; in
-    fp32 without dropout, layers reading the same input share it: q, k and v; gate and up), and lora_B
-    keeps the r values of the A product."""
-    in_blocks = {name: shape for name, shape in targets.items() if any(f".{b}." in name for b in ("layers", "h", "blocks"))}
-    shared = cd == 4 and dropout == 0
-    groups = {}
-    for name, (i, _) in in_blocks.items():
-        leaf = name.split(".")[-1]
-        key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}.get(leaf, leaf)
-        groups.setdefault((name.rsplit(".", 2)[0], key if shared else leaf), i)
-    inputs = sum(i * (8 if dropout > 0 else 4) for i in groups.values())
-    return (inputs + len(in_blocks) * r * 4) / max(layers, 1)
-
-
 def optimizer_for(device: Device, load_in_4bit: bool) -> str:
     """Paged 8-bit AdamW on a GPU (its state a quarter of AdamW's; paged to CPU memory under pressure),
     plain AdamW on a CPU (paging is a GPU feature)."""
     return "paged_adamw_8bit" if device.is_gpu else "adamw_torch"
-
-
-def training_settings(device: Device, predicted_bytes, *, batch_sizes=(16, 8, 4, 2, 1), headroom: float = 0.9) -> dict:
-    """Precision, optimizer, gradient checkpointing and the batch size for ``device``.
-
-    ``predicted_bytes(batch_size, gradient_checkpointing)`` is the run's predicted peak (what PyTorch
-    allocates). A GPU offers ``headroom`` of its memory (the rest for fragmentation and what the
-    prediction leaves out) less the CUDA context. Without checkpointing (faster) when a batch of at
-    least 8 fits; else with checkpointing, the largest batch that fits. ``batch_size`` 0 means not even
-    one sequence fits."""
-    settings = {"precision": precision(device), "optimizer": optimizer_for(device, True)}
-    budget = device.total_memory * headroom - CUDA_CONTEXT_BYTES
-    if not device.is_gpu:
-        settings.update(gradient_checkpointing=False, batch_size=8)
-        return settings
-    for checkpointing in (False, True):
-        for batch in batch_sizes:
-            if checkpointing is False and batch < 8:
-                break
-            if predicted_bytes(batch, checkpointing) <= budget:
-                settings.update(gradient_checkpointing=checkpointing, batch_size=batch)
-                return settings
-    settings.update(gradient_checkpointing=True, batch_size=0)
-    return settings
 
 
 def default_hyperparameters(n_params: int, gpu: bool) -> dict:
@@ -263,5 +153,4 @@ def default_hyperparameters(n_params: int, gpu: bool) -> dict:
 
 
 __all__ = ["Device", "GiB", "KNOWN_GPUS", "OPTIMIZER_STATE_BYTES", "compute_dtype", "cpu_device", "current_device",
-           "default_hyperparameters", "meta_inventory", "optimizer_for", "precision", "predict_peak_bytes",
-           "shapes", "training_settings"]
+           "default_hyperparameters", "meta_inventory", "optimizer_for", "precision", "shapes"]

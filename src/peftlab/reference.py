@@ -1,7 +1,18 @@
-"""Reference objects built with the real libraries, for the notebooks' tests to compare against.
+"""The tests' reference code: what the graded tests compare a student's answer with.
 
-These wrap `peft` and `transformers`; they contain no solution to an exercise. Students can use them
-too, to see what the library does with the same inputs.
+Each function here computes what an exercise asks for with the real libraries (`peft`, `transformers`,
+`bitsandbytes`) or, for notebook 07, the lab's own memory prediction and settings. So none of it may
+be an answer, and none of it is in a student's reach as one:
+
+- the test cells import from here; after every cell `peftlab.checks` takes these names (and this
+  module) out of the notebook's namespace again, so ``return peft_lora_count(...)`` is a NameError;
+- while work is graded, the kernel runs in a sandbox in which this file is replaced by stubs that
+  raise `ReferenceUnavailable` (`autograder.sandbox`), and the tests themselves run in the grader;
+- an answer that imports or names this module scores no points for the tests of that exercise, and
+  the grading report flags it (`autograder.oracles`).
+
+Anything a notebook legitimately needs outside its tests lives elsewhere (`peftlab.models`,
+`peftlab.hardware`, `peftlab.quant`).
 """
 
 from __future__ import annotations
@@ -11,19 +22,17 @@ import copy
 import torch
 from torch import nn
 
-
-def meta_model(config):
-    """A LlamaForCausalLM with ``config``'s shapes on PyTorch's meta device: no memory, milliseconds."""
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        return LlamaForCausalLM(config)
+from peftlab import hardware
+from peftlab.models import meta_model, param_count
 
 
-def param_count(model, trainable_only: bool = False) -> int:
-    """Parameters of a module (tied tables once), or only those that require gradients."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+def real_param_count(config) -> int:
+    """Parameters of a real LlamaForCausalLM built from ``config`` (meta device: shapes only, no memory);
+    tied tables are counted once."""
+    return param_count(meta_model(config))
 
+
+# -- peft (notebooks 02, 03, 04 and 06) -----------------------------------------------------------
 
 class _Holder(nn.Module):
     """A one-layer module so that peft can wrap a lone nn.Linear."""
@@ -146,3 +155,164 @@ def peft_prefix_count(config, num_virtual_tokens: int) -> int:
     wrapped = get_peft_model(meta_model(config), PrefixTuningConfig(task_type="CAUSAL_LM",
                                                                    num_virtual_tokens=num_virtual_tokens))
     return param_count(wrapped, trainable_only=True)
+
+
+# -- bitsandbytes (notebooks 05 and 06) ------------------------------------------------------------
+
+def nf4_table() -> torch.Tensor:
+    """bitsandbytes' own NF4 table (16 float32 values on the CPU)."""
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device="cpu")
+
+
+def bnb_nf4(w: torch.Tensor, blocksize: int = 64) -> dict[str, torch.Tensor]:
+    """Quantize ``w`` with ``bitsandbytes.functional.quantize_4bit`` (NF4, no double quantization)
+    and return what a hand-written NF4 should reproduce: ``packed`` (1-D uint8, two codes a byte),
+    ``codes`` (1-D uint8, one per element), ``absmax`` (float32 per block) and ``dequantized``
+    (``dequantize_4bit``, float32, ``w``'s shape).
+
+    The weight is handed to bitsandbytes flattened. Blocks run over the flattened tensor either way
+    (the codes and absmax are the same), but bitsandbytes 0.50's AVX-512 CPU kernel for
+    ``dequantize_4bit`` cuts blocks per row instead, so a 2-D weight whose rows are not a multiple of
+    the block size comes back wrong on such CPUs (measured: largest round-trip error 0.092 instead of
+    0.024 for a 96 x 80 weight; its scalar and PyTorch paths, and the planned AVX2 one, index blocks over
+    the flattened tensor: bitsandbytes pull request #2072)."""
+    import bitsandbytes.functional as bnbf
+
+    w = w.detach().float().cpu().contiguous()
+    packed, state = bnbf.quantize_4bit(w.reshape(-1), blocksize=blocksize, quant_type="nf4")
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[: w.numel()]
+    return {"packed": flat.clone(), "codes": codes, "absmax": state.absmax.clone(),
+            "dequantized": bnbf.dequantize_4bit(packed, state).reshape(w.shape)}
+
+
+def bnb_storage_bits(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> float:
+    """Bits per parameter that bitsandbytes actually stores for ``w`` in NF4: packed codes plus the
+    block constants (with double quantization: 8-bit absmax, plus the float32 scale of each group of
+    256 of those and their mean offset). Lookup tables, shared by every weight, are left out."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w.detach().float().cpu().contiguous(), blocksize=blocksize,
+                                       quant_type="nf4", compress_statistics=double_quant)
+    bits = packed.numel() * packed.element_size() * 8 + state.absmax.numel() * state.absmax.element_size() * 8
+    if double_quant:
+        bits += state.state2.absmax.numel() * state.state2.absmax.element_size() * 8
+    return bits / w.numel()
+
+
+# -- the GPU lab's prediction and settings (notebook 07) ------------------------------------------
+
+def _targets(linear: dict, target_modules) -> dict:
+    if target_modules in ("all-linear", None):
+        return dict(linear)
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    return {name: shape for name, shape in linear.items() if name.split(".")[-1] in set(target_modules)}
+
+
+def predict_peak_bytes(config, *, batch_size: int, seq_len: int, r: int, target_modules="all-linear",
+                       load_in_4bit: bool = True, compute_dtype=None, optimizer: str = "paged_adamw_8bit",
+                       gradient_checkpointing: bool = True, lora_dropout: float = 0.0) -> dict:
+    """Peak memory of one training step of LoRA (``load_in_4bit=False``) or QLoRA, in bytes, by term:
+
+    - ``quantized_weights``: the frozen linear layers in NF4 with double quantization (4.127 bits each);
+    - ``unquantized_weights``: every other base parameter (embeddings, the output layer, norms, biases),
+      in fp32 under QLoRA (`prepare_model_for_kbit_training` casts them), else in the compute dtype;
+    - ``adapter_weights`` and ``gradients``: fp32 LoRA matrices (peft keeps adapters in fp32);
+    - ``optimizer_state``: per trainable parameter, `OPTIMIZER_STATE_BYTES` of the optimizer named;
+    - ``activations``: what autograd keeps for the backward pass (below), with gradient checkpointing
+      only each layer's input plus one layer recomputed at a time;
+    - ``logits``: the model's output logits (kept with the output, in the compute dtype) and their
+      fp32 gradient in the backward pass;
+    - ``dequantized_weight``: under QLoRA the backward pass dequantizes a whole 4-bit weight to the
+      compute dtype before its matrix product (bitsandbytes' MatMul4Bit): the largest one;
+    - ``total``: their sum, what PyTorch's allocator holds at the peak (``torch.cuda.max_memory_allocated``
+      on a GPU); the CUDA context comes on top (`training_settings` reserves it).
+
+    Activations per token of one decoder layer, with the base frozen (PyTorch keeps no input of a
+    linear layer whose weight needs no gradient, and bitsandbytes keeps none of a 4-bit one): the two
+    norms' fp32 inputs (2 x 4h bytes); attention's queries, keys, values (repeated to every head) and
+    output (4 x heads x head_dim elements); the gated MLP's gate, up and product (3 x intermediate);
+    for every adapted layer, the fp32 input of its lora_A and
+    the r values of its A product (dropout adds an fp32 mask a layer). Per token, the output layer's logits in the compute dtype, their fp32
+    copy and the loss's log-probabilities (4 + 4 bytes a vocabulary entry on top).
+    """
+    import torch
+
+    dtype = compute_dtype or torch.bfloat16
+    cd = torch.empty((), dtype=dtype).element_size()
+    s = hardware.shapes(config)
+    inv = hardware.meta_inventory(config)
+    targets = _targets(inv["linear"], target_modules)
+    trainable = sum(r * (i + o) for i, o in targets.values())
+    quantized = inv["quantized"] if load_in_4bit else 0
+    terms = {
+        "quantized_weights": quantized * hardware.NF4_BYTES,
+        "unquantized_weights": (inv["total"] - quantized) * (4 if load_in_4bit else cd),
+        "adapter_weights": trainable * 4,
+        "gradients": trainable * 4,
+        "optimizer_state": trainable * hardware.OPTIMIZER_STATE_BYTES[optimizer],
+    }
+    tokens = batch_size * seq_len
+    h, heads, kv, e, inter = s["hidden"], s["heads"], s["kv_heads"], s["head_dim"], s["intermediate"]
+    per_layer = (2 * 4 * h                                     # the two norms' fp32 inputs
+                 + (2 * heads + 2 * kv) * e * cd + heads * 4   # attention: q, k, v, output; log-sum-exp
+                 + (3 if s["gated_mlp"] else 1) * inter * cd)  # MLP: gate, up, their product
+    per_layer += _lora_inputs(targets, s["layers"], r, cd, lora_dropout)
+    logits = s["vocab"] * 4                                    # the loss keeps fp32 log-probabilities
+    if gradient_checkpointing:
+        activations = tokens * (s["layers"] * h * cd + per_layer + logits)
+    else:
+        activations = tokens * (s["layers"] * per_layer + logits)
+    terms["activations"] = activations
+    terms["logits"] = tokens * s["vocab"] * (cd + 4)  # the output's logits, and their fp32 gradient
+    largest = max((i * o for i, o in inv["linear"].values()), default=0)
+    terms["dequantized_weight"] = largest * cd if load_in_4bit else 0
+    terms["total"] = sum(terms.values())
+    terms["trainable_parameters"] = trainable
+    return terms
+
+
+def _lora_inputs(targets: dict, layers: int, r: int, cd: int, dropout: float) -> float:
+    """Bytes per token and layer that LoRA adds: every adapted layer's lora_A keeps its input in fp32
+    (its own copy, cast from the compute dtype or through dropout, which also keeps its fp32 mask; in
+    fp32 without dropout, layers reading the same input share it: q, k and v; gate and up), and lora_B
+    keeps the r values of the A product."""
+    in_blocks = {name: shape for name, shape in targets.items() if any(f".{b}." in name for b in ("layers", "h", "blocks"))}
+    shared = cd == 4 and dropout == 0
+    groups = {}
+    for name, (i, _) in in_blocks.items():
+        leaf = name.split(".")[-1]
+        key = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}.get(leaf, leaf)
+        groups.setdefault((name.rsplit(".", 2)[0], key if shared else leaf), i)
+    inputs = sum(i * (8 if dropout > 0 else 4) for i in groups.values())
+    return (inputs + len(in_blocks) * r * 4) / max(layers, 1)
+
+
+def training_settings(device: hardware.Device, predicted_bytes, *, batch_sizes=(16, 8, 4, 2, 1), headroom: float = 0.9) -> dict:
+    """Precision, optimizer, gradient checkpointing and the batch size for ``device``.
+
+    ``predicted_bytes(batch_size, gradient_checkpointing)`` is the run's predicted peak (what PyTorch
+    allocates). A GPU offers ``headroom`` of its memory (the rest for fragmentation and what the
+    prediction leaves out) less the CUDA context. Without checkpointing (faster) when a batch of at
+    least 8 fits; else with checkpointing, the largest batch that fits. ``batch_size`` 0 means not even
+    one sequence fits."""
+    settings = {"precision": hardware.precision(device), "optimizer": hardware.optimizer_for(device, True)}
+    budget = device.total_memory * headroom - hardware.CUDA_CONTEXT_BYTES
+    if not device.is_gpu:
+        settings.update(gradient_checkpointing=False, batch_size=8)
+        return settings
+    for checkpointing in (False, True):
+        for batch in batch_sizes:
+            if checkpointing is False and batch < 8:
+                break
+            if predicted_bytes(batch, checkpointing) <= budget:
+                settings.update(gradient_checkpointing=checkpointing, batch_size=batch)
+                return settings
+    settings.update(gradient_checkpointing=True, batch_size=0)
+    return settings
+
+
+__all__ = ["bnb_nf4", "bnb_storage_bits", "lora_weights", "nf4_table", "peft_lora_count", "peft_lora_layer", "peft_lora_model", "peft_prefix_count", "peft_prefix_tuning", "peft_prefixes", "peft_prompt_count", "peft_prompt_tuning", "peft_prompt_vectors", "predict_peak_bytes", "real_param_count", "training_settings"]

@@ -158,8 +158,7 @@ _TOTALS: dict[str, int] = {}
 
 def _model_total(model_name: str) -> int:
     if model_name not in _TOTALS:
-        from peftlab.models import family_config
-        from peftlab.reference import meta_model, param_count
+        from peftlab.models import family_config, meta_model, param_count
 
         _TOTALS[model_name] = param_count(meta_model(family_config(model_name)))
     return _TOTALS[model_name]
