@@ -45,9 +45,7 @@ SUSPICIOUS = {
     "rebinds test helpers": r"^\s*((torch|math|random|np|numpy|transformers|peft|peftlab|bnb|bitsandbytes)(\.\w+)+"
                             r"|assert_close|expect_error|observe|raised|float_tensors|[a-z_]*reference\w*|peft_\w+|abs|sum|len"
                             r"|isinstance|type|print|setattr|getattr|int|float|str|bool|round|min|max|sorted)\s*=",
-    "uses the tests' reference code": r"peftlab\.reference|peftlab\.quant\s+import[^\n]*\b(bnb_\w+|nf4_table)"
-                                      r"|\b(peft_\w+|real_param_count|bnb_nf4|bnb_storage_bits|nf4_table|meta_model)\b"
-                                      r"|peftlab\.hardware|\b(hardware|lab)\.(predict_\w+|training_settings|fit_table|settle)",
+    # the tests' reference code: autograder/oracles.py reads it (and zeroes the tests it affects)
     "redefines a test helper": r"^\s*(def|class)\s+(raised|observe|expect_error|assert_close|float_tensors|load_prefixes"
                                r"|call_report|encode|decode|dumps|loads)\b|globals\(\)\s*\[",
     "writes outside the notebook": r"\.pth\b|site-packages|getsitepackages|sys\.prefix|peftlab/|\.venv|checks\.py"

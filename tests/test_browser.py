@@ -207,7 +207,8 @@ def drawn_images(widget, expected: int = 1, timeout: int = 20_000) -> int:
 def test_will_it_fit_widget_follows_its_controls(page, lab):
     widget, verdict = solved_widget(page, lab, "01_memory_math", "peftlab-will-it-fit")
     before = verdict.inner_text()
-    assert before.startswith("Does not fit: 112.0 GB"), before  # 7B, full fine-tuning, mixed precision
+    # 7B, full fine-tuning, mixed precision: 112 GB of state and 9.1 GB of activations (1 x 2,048 tokens)
+    assert before.startswith("Does not fit: 121.1 GB"), before
     widget.locator("button", has_text="QLoRA").click()
     after = text_changes(page, verdict, before)
     assert after.startswith("Fits:") and "of 80 GiB" in after, after

@@ -17,6 +17,14 @@ MUTANTS = {
                                       "self.register_buffer(\"weight_4bit\", packed)\n"
                                       "        self.cached = bnbf.dequantize_4bit(packed, self.quant_state)",
                                       ["qlora_linear_storage"]),
+    "dequantizes once and keeps it": (LIN, "weight = bnbf.dequantize_4bit(self.weight_4bit, self.quant_state).to(x.dtype)",
+                                      "if getattr(self, \"_dense\", None) is None:\n"
+                                      "            self._dense = bnbf.dequantize_4bit(self.weight_4bit, self.quant_state)\n"
+                                      "        weight = self._dense.to(x.dtype)", ["qlora_linear_storage"]),
+    "lora_A starts at zero": (LIN, "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))", "nn.init.zeros_(self.lora_A.weight)",
+                              ["qlora_linear_storage", "qlora_linear_gradients"]),
+    "lora_A with the deck's kaiming_normal_": (LIN, "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))",
+                                               "nn.init.kaiming_normal_(self.lora_A.weight)", ["qlora_linear_storage"]),
     "no LoRA scaling": (LIN, " * self.scaling\n", "\n", ["qlora_linear_output"]),
     "random lora_B": (LIN, "nn.init.zeros_(self.lora_B.weight)", "nn.init.normal_(self.lora_B.weight)", ["qlora_linear_storage"]),
     "bias left trainable": (LIN, "nn.Parameter(bias.detach().clone(), requires_grad=False)", "nn.Parameter(bias.detach().clone())",

@@ -30,6 +30,12 @@ MUTANTS = {
                                    ["loraplus_matches_peft"]),
     "LoRA+ includes frozen parameters": (PLUS, "        if not param.requires_grad:\n            continue\n", "",
                                          ["loraplus_matches_peft"]),
+    "LoRA+ groups only the adapters": (PLUS, "        if not param.requires_grad:\n            continue\n",
+                                       "        if not param.requires_grad or \"lora_\" not in name:\n            continue\n",
+                                       ["loraplus_matches_peft"]),
+    "LoRA+ puts lora_B in both groups": (PLUS, "(fast if \"lora_B\" in name else slow).append(param)",
+                                         "slow.append(param)\n        if \"lora_B\" in name:\n            fast.append(param)",
+                                         ["loraplus_matches_peft", "loraplus_trains"]),
     "LoRA+ leaves A out": (PLUS, "return [{\"params\": slow, \"lr\": lr}, ", "return [", ["loraplus_matches_peft", "loraplus_trains"]),
 }
 

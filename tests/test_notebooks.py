@@ -34,16 +34,21 @@ def test_solution_runs_top_to_bottom_and_passes_every_test(path):
 
 # Run after a whole release notebook: what of the tests' reference code a student's next cell could call.
 REACHABLE_PROBE = """
-import json as _json, sys as _sys, types as _types
-_ref, _found = _sys.modules.get("peftlab.reference"), []
-if _ref is not None:
-    _oracles = {id(_ref)} | {id(v) for v in vars(_ref).values() if getattr(v, "__module__", None) == _ref.__name__}
-    for _n, _v in list(globals().items()):
-        if id(_v) in _oracles:
-            _found.append(_n)
-        elif isinstance(_v, _types.ModuleType):
-            _found += [f"{_n}.{_a}" for _a, _w in vars(_v).items() if not _a.startswith("_") and id(_w) in _oracles]
-print("REACHABLE", _json.dumps(_found))
+def _reachable(namespace):
+    import json, sys, types
+    reference, found = sys.modules.get("peftlab.reference"), []
+    if reference is not None:
+        oracles = {id(reference)} | {id(v) for v in vars(reference).values()
+                                     if getattr(v, "__module__", None) == reference.__name__}
+        for name, value in list(namespace.items()):
+            if id(value) in oracles:
+                found.append(name)
+            elif isinstance(value, types.ModuleType):
+                found += [f"{name}.{a}" for a, v in vars(value).items() if not a.startswith("_") and id(v) in oracles]
+    print("REACHABLE", json.dumps(found))
+
+
+_reachable(globals())
 """
 
 

@@ -126,3 +126,28 @@ def test_mentions_in_prose_and_the_student_s_own_names_do_not_count():
     assert "helper" in use.names and "predict_peak_bytes" in use.names, use
     hit = use.zeroed("@observe()\ndef got():\n    return predict_peak_bytes(family_config('x'), batch_size=1)\n")
     assert hit and hit[0] == "predict_peak_bytes", hit
+
+
+def test_the_reference_leaves_the_namespace_after_each_cell(capsys):
+    """In a notebook, a test cell's import of the reference is gone once the cell has run, so an
+    answer cannot call it; the release-notebook test's probe would see it otherwise."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from test_notebooks import REACHABLE_PROBE
+
+    shell = InteractiveShell.instance()
+    try:
+        shell.run_cell("import peftlab\nimport peftlab.checks")
+        shell.run_cell("from peftlab.reference import peft_lora_count\nfrom peftlab import reference\nfound = callable(peft_lora_count)")
+        assert shell.user_ns["found"] is True  # usable inside the cell that imported it
+        assert "peft_lora_count" not in shell.user_ns and "reference" not in shell.user_ns
+        shell.run_cell(REACHABLE_PROBE)
+        assert 'REACHABLE []' in capsys.readouterr().out
+        # the probe itself finds what the hook would have removed
+        shell.run_cell("from peftlab import reference\nagain = reference.bnb_nf4 is not None")  # a later test cell
+        assert shell.user_ns["again"] is True and "reference" not in shell.user_ns
+        namespace = {"peftlab": sys.modules["peftlab"], "answer": sys.modules["peftlab.reference"].bnb_nf4}
+        exec(REACHABLE_PROBE, namespace)
+        assert 'REACHABLE ["answer"]' in capsys.readouterr().out
+    finally:
+        InteractiveShell.clear_instance()

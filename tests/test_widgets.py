@@ -47,16 +47,48 @@ def test_verdicts():
 
 def test_widget_follows_its_controls():
     box = widgets.will_it_fit(reference_memory)
-    model, precision, method, share, gpu, verdict, plot = box.children
+    model, precision, method, share, gpu, batch, seq_len, attention, checkpointing, verdict, plot = box.children
     model.value, method.value, gpu.value = "7B", "full fine-tuning", "A100 80 GB"
-    assert verdict.value.startswith("<b>Does not fit: 112.0 GB")
+    # 112 GB of training state and 34 s b h L = 34 x 2,048 x 4,096 x 32 bytes = 9.1 GB of activations
+    assert verdict.value.startswith("<b>Does not fit: 121.1 GB"), verdict.value
+    assert "activations 9.13 GB" in verdict.value
     method.value = "QLoRA"
-    assert "Fits" in verdict.value
+    assert "Fits" in verdict.value and "activations 5.37 GB" in verdict.value  # the frozen base: 20 s b h L
     gpu.value = "T4 (15 GiB)"
     assert "of 15 GiB" in verdict.value
     assert share.disabled is False
     method.value = "full fine-tuning"
     assert share.disabled is True
+    checkpointing.value = True
+    assert "activations 0.82 GB" in verdict.value  # 2 s b h per layer kept, one layer recomputed
+    checkpointing.value, attention.value = False, "standard"
+    assert "activations 30.60 GB" in verdict.value  # the attention scores: 5 a s / h more per layer
+    batch.value, seq_len.value, attention.value = 4, 512, "memory-efficient"
+    assert "activations 9.13 GB" in verdict.value  # only batch x sequence length counts
+
+
+def test_activation_memory_follows_korthikanti_et_al():
+    h, layers, heads = widgets.MODEL_SHAPES["8B"]
+    sbh = 2048 * h
+    assert widgets.activation_bytes(h, layers, heads, 1, 2048) == layers * 34 * sbh
+    assert widgets.activation_bytes(h, layers, heads, 1, 2048, attention="standard") == layers * sbh * (34 + 5 * heads * 2048 / h)
+    assert widgets.activation_bytes(h, layers, heads, 1, 2048, frozen_base=True) == layers * 20 * sbh
+    assert widgets.activation_bytes(h, layers, heads, 1, 2048, checkpointing=True) == layers * 2 * sbh + 34 * sbh
+    assert widgets.activation_bytes(h, layers, heads, 2, 1024) == widgets.activation_bytes(h, layers, heads, 1, 2048)
+    with pytest.raises(ValueError):
+        widgets.activation_bytes(h, layers, heads, 1, 2048, attention="flash")
+    with pytest.raises(ValueError):
+        widgets.activation_bytes(h, layers, heads, 0, 2048)
+    assert set(widgets.MODEL_SHAPES) == set(widgets.MODEL_SIZES)
+
+
+def test_model_shapes_match_the_family_configs():
+    from peftlab.models import family_config
+
+    for size, name in [("1B", "Llama-3.2-1B"), ("3B", "Llama-3.2-3B"), ("8B", "Llama-3.1-8B"), ("13B", "Llama-2-13B"),
+                       ("70B", "Llama-3.1-70B")]:
+        config = family_config(name)
+        assert widgets.MODEL_SHAPES[size] == (config.hidden_size, config.num_hidden_layers, config.num_attention_heads)
 
 
 def test_widget_asks_for_the_function_before_it_exists():
@@ -64,7 +96,7 @@ def test_widget_asks_for_the_function_before_it_exists():
         raise NotImplementedError()
 
     box = widgets.will_it_fit(stub)
-    assert "Implement" in box.children[5].value
+    assert "Implement" in box.children[-2].value
 
 
 reference_lora_count = peft_lora_count  # what peft itself trains

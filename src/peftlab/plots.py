@@ -11,6 +11,7 @@ COMPONENT_COLOURS = {
     "weights": "#4C72B0",
     "gradients": "#DD8452",
     "optimizer state": "#55A868",
+    "activations": "#C44E52",
 }
 
 

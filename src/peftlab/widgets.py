@@ -50,6 +50,44 @@ MODEL_SIZES = {
     "175B (GPT-3)": 175e9,
 }
 
+# Hidden size, layers and attention heads of a model of each size, for activation memory: the Llama
+# named (Llama 2 and 3 model cards and configs; Code Llama for 34B) and GPT-3 (Brown et al., 2020, Table 2.1).
+MODEL_SHAPES = {
+    "SmolLM2-135M": (576, 30, 9),
+    "1B": (2048, 16, 32),            # Llama-3.2-1B
+    "3B": (3072, 28, 24),            # Llama-3.2-3B
+    "7B": (4096, 32, 32),            # Llama-2-7B
+    "8B": (4096, 32, 32),            # Llama-3.1-8B
+    "13B": (5120, 40, 40),           # Llama-2-13B
+    "34B": (8192, 48, 64),           # Code Llama 34B
+    "70B": (8192, 80, 64),           # Llama-3.1-70B
+    "175B (GPT-3)": (12288, 96, 96),
+}
+
+ATTENTION = ("memory-efficient", "standard")
+
+
+def activation_bytes(hidden: int, layers: int, heads: int, batch_size: int, seq_len: int, *,
+                     frozen_base: bool = False, attention: str = "memory-efficient",
+                     checkpointing: bool = False) -> float:
+    """Activation memory of a training step (what the forward pass keeps for the backward pass), by
+    Korthikanti et al. (2022, section 4.1): per transformer layer ``s b h (34 + 5 a s / h)`` bytes
+    with 16-bit activations and 1-byte dropout masks. The ``5 a s / h`` part is the attention scores;
+    memory-efficient attention (FlashAttention, PyTorch's scaled_dot_product_attention) does not keep
+    them. With the base frozen, the four linear layers no longer keep their inputs (a linear layer
+    needs its input only for its weight's gradient): 34 becomes 20 (adapters add their own inputs on
+    top). With gradient checkpointing each layer keeps only its input (2 s b h) and one layer at a
+    time is recomputed in full during the backward pass."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if min(hidden, layers, heads, batch_size, seq_len) < 1:
+        raise ValueError("sizes must be positive")
+    tokens = batch_size * seq_len
+    per_layer = tokens * hidden * ((20 if frozen_base else 34) + (5 * heads * seq_len / hidden if attention == "standard" else 0))
+    if checkpointing:
+        return layers * 2 * tokens * hidden + per_layer
+    return layers * per_layer
+
 
 def memory_breakdown(memory_fn: Callable, n_params: float, method: str, precision: str,
                      adapter_share: float = 0.005) -> dict[str, float]:
@@ -81,23 +119,27 @@ def memory_breakdown(memory_fn: Callable, n_params: float, method: str, precisio
     }
 
 
-def fit_verdict(total_bytes: float, gpu_gib: float) -> str:
-    """A one-line verdict for ``total_bytes`` of training state on one GPU of ``gpu_gib`` GiB."""
+def fit_verdict(total_bytes: float, gpu_gib: float, activations: bool = False) -> str:
+    """A one-line verdict for ``total_bytes`` on one GPU of ``gpu_gib`` GiB: training state only, or
+    (``activations``) training state and activations."""
     total_gb, capacity_gb = total_bytes / GB, gpu_gib * GiB / GB
     card = f"{gpu_gib:g} GiB ({capacity_gb:,.1f} GB)"
+    rest = "the CUDA context and fragmentation" if activations else "activations and the CUDA context"
     if total_gb > capacity_gb:
         gpus = math.ceil(total_gb / capacity_gb)
         return (f"Does not fit: {total_gb:,.1f} GB needed on a GPU of {card} "
-                f"(at least {gpus} such GPUs with the state sharded across them, before activations).")
+                f"(at least {gpus} such GPUs with the state sharded across them"
+                f"{'' if activations else ', before activations'}).")
     left = capacity_gb - total_gb
     if left < 0.1 * capacity_gb:
         return (f"Only just: {total_gb:,.1f} GB of {card}, leaving {left:,.1f} GB for "
-                "activations and the CUDA context; expect out-of-memory errors.")
-    return f"Fits: {total_gb:,.1f} GB of {card}, leaving {left:,.1f} GB for activations."
+                f"{rest}; expect out-of-memory errors.")
+    return f"Fits: {total_gb:,.1f} GB of {card}, leaving {left:,.1f} GB for {'the rest' if activations else 'activations'}."
 
 
 def will_it_fit(memory_fn: Callable):
-    """The "Will it fit?" calculator: model, precision, method and GPU -> stacked bar and verdict."""
+    """The "Will it fit?" calculator: model, precision, method, GPU, batch size, sequence length,
+    attention and gradient checkpointing -> stacked bar (training state and activations) and verdict."""
     import ipywidgets as widgets
 
     style = {"description_width": "110px"}
@@ -112,6 +154,12 @@ def will_it_fit(memory_fn: Callable):
                                    layout=layout)
     gpu = widgets.Dropdown(options=list(GPUS), value="A100 80 GB", description="GPU", style=style,
                            layout=layout)
+    batch = widgets.Dropdown(options=[1, 2, 4, 8, 16, 32, 64], value=1, description="Batch size", style=style,
+                             layout=layout)
+    seq_len = widgets.Dropdown(options=[256, 512, 1024, 2048, 4096, 8192, 16384], value=2048,
+                               description="Sequence length", style=style, layout=layout)
+    attention = widgets.ToggleButtons(options=ATTENTION, description="Attention", style=style)
+    checkpointing = widgets.Checkbox(value=False, description="Gradient checkpointing", style=style)
     verdict = widgets.HTML()
     plot = widgets.Output()
 
@@ -123,17 +171,21 @@ def will_it_fit(memory_fn: Callable):
         except NotImplementedError:
             verdict.value = "<b>Implement <code>training_memory_bytes</code> above first.</b>"
             return
+        parts["activations"] = activation_bytes(*MODEL_SHAPES[model.value], batch.value, seq_len.value,
+                                                frozen_base=method.value != "full fine-tuning",
+                                                attention=attention.value, checkpointing=checkpointing.value)
         total = sum(parts.values())
         detail = ", ".join(f"{k} {v / GB:,.2f} GB" for k, v in parts.items())
-        verdict.value = (f"<b>{fit_verdict(total, GPUS[gpu.value])}</b><br>"
+        verdict.value = (f"<b>{fit_verdict(total, GPUS[gpu.value], activations=True)}</b><br>"
                          f"<span style='font-size:90%'>{detail}</span>")
         with _redraw(plot, figsize=(7, 1.9)) as ax:
             stacked_memory_bars(ax, [f"{model.value}, {method.value}"], [parts],
                                 {gpu.value: GPUS[gpu.value] * GiB / GB}, horizontal=True)
             ax.set_xlim(0, max(total / GB, GPUS[gpu.value] * GiB / GB) * 1.08)
 
-    box = widgets.VBox([model, precision, method, share, gpu, verdict, plot])
-    return _show(box, "peftlab-will-it-fit", (model, precision, method, share, gpu), update)
+    controls = (model, precision, method, share, gpu, batch, seq_len, attention, checkpointing)
+    box = widgets.VBox([*controls, verdict, plot])
+    return _show(box, "peftlab-will-it-fit", controls, update)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
