@@ -16,14 +16,15 @@ For every submission the grader
    (`autograder.worker`, `autograder.execute`, `autograder.judge`): the kernel only runs the tests'
    ``@observe`` calls and reports plain data; the checks run outside its reach, hidden parts last;
 3. lets nbgrader score the judged notebooks (without running them again), generate feedback that
-   hides hidden tests, and export grades as CSV.
+   hides hidden tests, and export grades as CSV, all in one nbgrader process (`autograder.nbgrader_batch`).
 
 Reading never stops the run: every file of the input appears in the report, graded, failed (with the
 reason) or skipped (with the reason). Every distinct student name gets its own id.
 
 Results: ``autograder/grades.csv`` (nbgrader's export), ``autograder/reports/report.csv`` and ``.json``
-(one row per input file: score, status, flags for a person to review, notes on repairs), feedback in
-``autograder/feedback/``, the files exactly as received in ``autograder/originals/``. Re-running the
+(one row per input file: score, status, flags for a person to review, notes on repairs), the item
+analysis in ``autograder/reports/items.html`` (per test: pass share, discrimination, common failures,
+flags; score histograms; `autograder.items`), feedback in ``autograder/feedback/``, the files exactly as received in ``autograder/originals/``. Re-running the
 command re-grades and gives the same grades; a copy of the gradebook is kept before every run.
 """
 
@@ -54,6 +55,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from autograder import items  # noqa: E402
 from autograder import prepare as prep  # noqa: E402
 from autograder import sandbox  # noqa: E402
 from autograder.execute import _error_output, _is_test  # noqa: E402
@@ -259,31 +261,42 @@ def discover(folder: Path, names: list[str], sources: dict, broken: dict[str, st
     return submissions, skipped, notes
 
 
-def release_of(root: Path, name: str):
-    """The release notebook of an assignment, with the gradebook told about the assignment. nbgrader's
-    generate_assignment (a few seconds) runs only when the instructor's notebook changed since the last
-    run; its output is kept in autograder/.releases/."""
-    notebook = root / "solutions" / name / f"{name}.ipynb"
-    digest = hashlib.sha256(notebook.read_bytes()).hexdigest()
+def releases_of(root: Path, names: list[str], work: Path) -> dict:
+    """The release notebooks of some assignments, with the gradebook told about each. nbgrader's
+    generate_assignment runs (in one nbgrader process for all of them) only for the assignments whose
+    instructor's notebook changed since the last run; its output is kept in autograder/.releases/."""
     cache = root / "autograder" / ".releases"
-    stamp, release = cache / f"{name}.sha256", cache / name / f"{name}.ipynb"
     gradebook = root / "autograder" / "gradebook.db"
-    if not (gradebook.exists() and release.exists() and stamp.exists() and stamp.read_text() == digest):
-        done = _nbgrader(root, "generate_assignment", name, "--force", f"--CourseDirectory.release_directory={cache}")
-        if done.returncode != 0:
-            raise SystemExit(f"nbgrader generate_assignment {name} failed:\n{done.stdout}{done.stderr}")
-        stamp.write_text(digest)
-    return nbformat.read(release, as_version=4)
+    digests, stale = {}, []
+    for name in names:
+        digests[name] = hashlib.sha256((root / "solutions" / name / f"{name}.ipynb").read_bytes()).hexdigest()
+        stamp, release = cache / f"{name}.sha256", cache / name / f"{name}.ipynb"
+        if not (gradebook.exists() and release.exists() and stamp.exists() and stamp.read_text() == digests[name]):
+            stale.append(name)
+    plan = [["generate_assignment", name, "--force", f"--CourseDirectory.release_directory={cache}"] for name in stale]
+    for name, step in zip(stale, nbgrader_batch(root, plan, work) if plan else [], strict=True):
+        if step["returncode"] != 0:
+            raise SystemExit(f"nbgrader generate_assignment {name} failed:\n{step['log']}")
+        (cache / f"{name}.sha256").write_text(digests[name])
+    return {name: nbformat.read(cache / name / f"{name}.ipynb", as_version=4) for name in names}
 
 
-def _nbgrader(root: Path, *args: str, timeout: int = 3600) -> subprocess.CompletedProcess:
+def nbgrader_batch(root: Path, plan: list[list[str]], work: Path, timeout: int = 3600) -> list[dict]:
+    """Run nbgrader commands (argument lists) in order, in one nbgrader process
+    (`autograder.nbgrader_batch`); returns each command's exit code and log."""
     from autograder.release import nbgrader_env
 
+    plan_file, result_file = work / "nbgrader-plan.json", work / "nbgrader-result.json"
+    plan_file.write_text(json.dumps(plan))
     try:
-        return subprocess.run([sys.executable, "-m", "nbgrader", *args], cwd=ROOT, env=nbgrader_env(root),
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([sys.executable, "-m", "autograder.nbgrader_batch", str(plan_file), str(result_file)],
+                              cwd=ROOT, env=nbgrader_env(root), capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 and result_file.exists():
+            return json.loads(result_file.read_text())
+        problem = f"exit code {done.returncode}: {done.stderr[-2000:]}"
     except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(args, -1, "", f"nbgrader {args[0]} ran past {timeout} s and was stopped")
+        problem = f"ran past {timeout} s and was stopped"
+    return [{"args": command, "returncode": -1, "log": f"the nbgrader process {problem}"} for command in plan]
 
 
 def _unreadable(release_nb, reason: str):
@@ -297,11 +310,11 @@ def _unreadable(release_nb, reason: str):
 
 def _convert_models_once() -> None:
     """SmolLM2 converted into the cache before any kernel starts: kernels see the cache read-only, and
-    some tests need its tokenizer. Done once (about 40 s), in a trusted process."""
+    some tests need its tokenizer. Done once (21 s on the reference machine), in a trusted process."""
     from peftlab.env import SMOLLM2_CACHE_NAME, cache_dir, smollm2_cached
 
     if not smollm2_cached():
-        print("converting SmolLM2 into the model cache once (about 40 s) ...", file=sys.stderr)
+        print("converting SmolLM2 into the model cache once (about 20 s on 2 cores) ...", file=sys.stderr)
         subprocess.run([sys.executable, "-c", "from peftlab.models import smollm2_path; smollm2_path()"],
                        cwd=ROOT, capture_output=True, timeout=1800)
     folder = cache_dir() / SMOLLM2_CACHE_NAME
@@ -421,7 +434,8 @@ def _progress(total: int):
 
 def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell_timeout: int = 120,
           notebook_timeout: int = 900, memory_gb: float = 4.0, use_sandbox: bool = True,
-          progress: bool = True, expose: list[str] | None = None, max_procs: int = 64) -> list[Submission]:
+          progress: bool = True, expose: list[str] | None = None, max_procs: int = 64,
+          scheduler: str | None = None) -> list[Submission]:
     root = course_root()
     names = assignments(root)
     if only:
@@ -452,7 +466,9 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             print("no submissions found", file=sys.stderr)
             write_report(root, skipped, run_notes, time.monotonic() - start, workers, False)
             return skipped
-        sources = {name: (solutions[name], release_of(root, name)) for name in sorted({s.assignment for s in submissions})}
+        used = sorted({s.assignment for s in submissions})
+        releases = releases_of(root, used, work)
+        sources = {name: (solutions[name], releases[name]) for name in used}
         use_sandbox = use_sandbox and sandbox.available()
         if not use_sandbox:
             run_notes.append("SANDBOX OFF: student code can use the network and read any file this user can "
@@ -521,7 +537,12 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                 if bar is not None:
                     bar.update(1)
 
-        Workers(workers, notebook_timeout + 240).run(jobs, done)
+        if scheduler:  # the execution step on a Dask cluster; everything else stays here
+            from autograder.cluster import Cluster
+
+            Cluster(scheduler, notebook_timeout + 240).run(jobs, done)
+        else:
+            Workers(workers, notebook_timeout + 240).run(jobs, done)
         if bar is not None:
             bar.close()
 
@@ -536,15 +557,17 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             nbformat.write(nb, target / f"{sub.assignment}.ipynb")
-        for name in sorted({s.assignment for s in submissions}):
+        graded_names = sorted({s.assignment for s in submissions})
+        plan = []
+        for name in graded_names:
+            plan += [["autograde", name, "--force", "--Execute.enabled=False", "--ClearOutput.enabled=False",
+                      "--Autograde.create_student=True"], ["generate_feedback", name, "--force"]]
+        plan.append(["export", "--to", str(root / "autograder" / "grades.csv")])
+        for step in nbgrader_batch(root, plan, work):  # one nbgrader process for the whole run
+            if step["returncode"] != 0:
+                run_notes.append(f"nbgrader {' '.join(step['args'][:2])} reported problems:\n{step['log'][-2000:]}")
+        for name in graded_names:
             students = [s for s in submissions if s.assignment == name]
-            done_ = _nbgrader(root, "autograde", name, "--force", "--Execute.enabled=False",
-                              "--ClearOutput.enabled=False", "--Autograde.create_student=True")
-            if done_.returncode != 0:
-                run_notes.append(f"nbgrader autograde {name} reported problems:\n{done_.stderr[-2000:]}")
-            fb = _nbgrader(root, "generate_feedback", name, "--force")
-            if fb.returncode != 0:
-                run_notes.append(f"nbgrader generate_feedback {name} reported problems:\n{fb.stderr[-2000:]}")
             graded = scores(root, [(s.student, name) for s in students])
             for s in students:
                 if (s.student, name) in graded:
@@ -553,7 +576,13 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                         s.status = "graded"
                 else:
                     s.status, s.reason = "failed", s.reason or "nbgrader could not score it"
-        _nbgrader(root, "export", "--to", str(root / "autograder" / "grades.csv"))
+        try:  # item analysis: per test, who passed and why others did not (never a hidden test's text)
+            rows = [(s.assignment, s.student, s.score, s.max_score, executed[s]) for s in submissions
+                    if s.status == "graded" and s in executed]
+            items.write(root / "autograder" / "reports",
+                        items.analyse(rows, {name: items.test_points(sources[name][0]) for name in sorted(sources)}))
+        except Exception as exc:  # noqa: BLE001 - the grades stand without it
+            run_notes.append(f"the item analysis could not be written: {type(exc).__name__}: {exc}")
         write_report(root, submissions + skipped, run_notes, time.monotonic() - start, workers, use_sandbox)
         return submissions + skipped
     finally:
@@ -610,6 +639,8 @@ def write_report(root: Path, submissions: list[Submission], run_notes: list[str]
         print(printable(f"note: {note}"))
     print(f"grades: {root / 'autograder' / 'grades.csv'}\nreport: {reports / 'report.csv'}\n"
           f"feedback: {root / 'autograder' / 'feedback'}")
+    if (reports / "items.html").exists():
+        print(f"item analysis: {reports / 'items.html'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,10 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--expose", action="append", default=[], help="an extra path kernels may read (repeatable)")
     parser.add_argument("--no-sandbox", action="store_true", help="run kernels without the namespace sandbox")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--scheduler", help="run the kernels on a Dask cluster: its scheduler's address "
+                                            "(tcp://host:8786), or local:N for a LocalCluster of N workers")
     args = parser.parse_args(argv)
     grade(args.submissions, workers=args.workers, only=args.assignment, cell_timeout=args.cell_timeout,
           notebook_timeout=args.notebook_timeout, memory_gb=args.memory_gb, use_sandbox=not args.no_sandbox,
-          progress=not args.quiet, expose=args.expose, max_procs=args.max_procs)
+          progress=not args.quiet, expose=args.expose, max_procs=args.max_procs, scheduler=args.scheduler)
     return 0
 
 

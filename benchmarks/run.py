@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run.py --grading    # also time the grading command (complete student, 1/2 workers)
     .venv/bin/python benchmarks/run.py --only-grading
     .venv/bin/python benchmarks/run.py --lab        # also LoRA vs QLoRA through the GPU lab's command
+    .venv/bin/python benchmarks/run.py --notebooks 01,08 --no-plain-autograde   # some notebooks' run time only
 
 Prints a Markdown table. Each notebook runs in its own process and kernel with the SmolLM2 cache
 already converted (what a student sees after the first run); the one-off conversion is timed
@@ -57,17 +58,17 @@ def timed(cmd, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def _grade(tmp: Path, env: dict, inbox: Path, workers: int) -> float:
-    root = tmp / f"grade-root-{inbox.name}-{workers}"
+def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = ()) -> float:
+    root = tmp / f"grade-root-{inbox.name}-{workers}{'-'.join(extra).replace(':', '')}"
     shutil.copytree(ROOT / "solutions", root / "solutions")
     (root / "autograder").mkdir()
     genv = {**env, "PEFTLAB_COURSE_ROOT": str(root)}
     names = sorted({p.stem for p in inbox.rglob("*.ipynb")})
     # The one-off generate_assignment per assignment is not part of the throughput.
-    subprocess.run([PY, "-c", "import sys; sys.path.insert(0, '.'); from autograder.grade import release_of; "
-                    "from pathlib import Path; [release_of(Path(sys.argv[1]), n) for n in sys.argv[2:]]", str(root), *names],
-                   cwd=ROOT, env=genv, check=True)
-    return timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet"], cwd=ROOT, env=genv)
+    subprocess.run([PY, "-c", "import sys, tempfile; sys.path.insert(0, '.'); from autograder.grade import releases_of; "
+                    "from pathlib import Path; releases_of(Path(sys.argv[1]), sys.argv[2:], Path(tempfile.mkdtemp()))",
+                    str(root), *names], cwd=ROOT, env=genv, check=True)
+    return timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet", *extra], cwd=ROOT, env=genv)
 
 
 def prepare_row(rows: list) -> None:
@@ -99,9 +100,10 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
     for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
         (complete / "student").mkdir(parents=True, exist_ok=True)
         shutil.copy(path, complete / "student" / path.name)
-    seconds = _grade(tmp, env, complete, 2)
-    rows.append((f"grading command: one complete student ({len(list(complete.rglob('*.ipynb')))} notebooks), 2 workers",
-                 f"{seconds:.1f} s", ""))
+    for workers in (1, 2):
+        seconds = _grade(tmp, env, complete, workers)
+        rows.append((f"grading command: one complete student ({len(list(complete.rglob('*.ipynb')))} notebooks), "
+                     f"{workers} worker(s)", f"{seconds:.1f} s ({60 / seconds:.2f} students/min)", ""))
     klass = tmp / "inbox-class"
     for i in range(8):
         (klass / f"student{i}").mkdir(parents=True)
@@ -110,6 +112,9 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
         seconds = _grade(tmp, env, klass, workers)
         rows.append((f"grading command: 8 submissions of 04_lora, {workers} worker(s)",
                      f"{seconds:.1f} s ({8 / seconds * 60:.1f} submissions/min)", ""))
+    seconds = _grade(tmp, env, klass, 2, ("--scheduler", "local:2"))
+    rows.append(("grading command: the same 8 on a Dask LocalCluster of 2 workers (--scheduler local:2)",
+                 f"{seconds:.1f} s ({8 / seconds * 60:.1f} submissions/min)", ""))
     return rows
 
 
@@ -150,7 +155,9 @@ def main() -> None:
     parser.add_argument("--lab", action="store_true", help="also run the GPU lab's command at CPU settings")
     parser.add_argument("--only-lab", action="store_true", help="the GPU lab's command only")
     parser.add_argument("--no-plain-autograde", action="store_true", help="skip nbgrader's own autograde (demos included)")
+    parser.add_argument("--notebooks", default="", help="only these notebooks, by number (e.g. 01,08)")
     args = parser.parse_args()
+    wanted = {n.strip() for n in args.notebooks.split(",") if n.strip()}
     rows = Rows()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -166,6 +173,8 @@ def main() -> None:
             return _print(rows)
 
         for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
+            if wanted and path.parent.name[:2] not in wanted:
+                continue
             done = subprocess.run([PY, "-c", _EXECUTE, str(path), str(path.parent)], env=env,
                                   capture_output=True, text=True, check=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -178,6 +187,8 @@ def main() -> None:
         genv = {**env, "PEFTLAB_COURSE_ROOT": str(course)}
         for path in ([] if args.no_plain_autograde else sorted((course / "solutions").glob("*/*.ipynb"))):
             name = path.parent.name
+            if wanted and name[:2] not in wanted:
+                continue
             timed([PY, "-m", "nbgrader", "generate_assignment", name, "--force"], cwd=ROOT, env=genv)
             shutil.copytree(path.parent, course / "autograder" / "submitted" / "student" / name)
             seconds = timed([PY, "-m", "nbgrader", "autograde", name, "--force"], cwd=ROOT, env=genv)

@@ -381,6 +381,12 @@ def llama_param_count(config):
     return count(config)
 '''
 
+ORACLE_BY_A_HIDDEN_ROUTE = '''
+def llama_param_count(config):
+    import importlib
+    return importlib.import_module("peftlab." + "refer" + "ence").real_param_count(config)
+'''
+
 HUGE_TEXT = '''
 def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
     return "A" * 20_000_000
@@ -509,7 +515,7 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
                               "rebinds test helpers"),
         "patched_libraries": (student(answers={"training_flops": PATCH_LIBRARIES + a["training_flops"]}), FULL,
                               "rebinds test helpers"),
-        "oracle_in_answer": (student(answers={"llama_param_count": ORACLE}), FULL, "reference"),
+        "oracle_in_answer": (student(answers={"llama_param_count": ORACLE}), FULL - 3, "reference code"),
         # leaks and reach
         "prints_history": (student(_add_cell(PRINT_HISTORY, after="quiz_q4")), FULL, r"reads grading files"),
         "hook_prints_every_cell": (student(answers={"quiz_answers": HOOK_PRINTS_CELLS + a["quiz_answers"]}), FULL,
@@ -531,6 +537,8 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
                                              r"grader machinery|probe functions"),
         "fake_raised": (student(answers={MEMORY_FN: FAKE_RAISED}), FULL - 1, "redefines a test helper"),
         "oracle_alias": (student(answers={"llama_param_count": ORACLE_ALIAS}), FULL - 3, "reference code"),
+        "oracle_by_a_hidden_route": (student(answers={"llama_param_count": ORACLE_BY_A_HIDDEN_ROUTE}), FULL - 3,
+                                     "reference code, absent while graded"),
         "markdown_bomb": (student(lambda nb: setattr(nb.cells[index(nb, "reflection_24gb")], "source",
                                                      "".join("  " * i + "- x\n" for i in range(1500)))), FULL, "cut to 100 KB"),
         "huge_assertion_text": (student(answers={MEMORY_FN: HUGE_TEXT}), FULL - 3, "more than 64 MB"),
@@ -544,7 +552,7 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
 # Cases that would harm the machine if they ran without the sandbox (writing the environment, reading the
 # instructor's files, exhausting processes): graded only where the sandbox is on.
 NEEDS_SANDBOX = ("writes_environment", "reads_solutions", "fork_bomb", "memory_in_three_processes", "network_and_sockets",
-                 "disk_fill")
+                 "disk_fill", "oracle_by_a_hidden_route")
 
 
 def graded_cases(*args) -> dict:
@@ -819,3 +827,21 @@ def test_regrading_gives_the_same_grades(graded):
     assert done.returncode == 0, done.stderr
     assert (graded["root"] / "autograder" / "grades.csv").read_text() == before
     assert list((graded["root"] / "autograder" / "backups").glob("gradebook-*.db")), "the gradebook is backed up first"
+
+
+@pytest.mark.slow
+def test_the_run_writes_an_item_analysis(graded):
+    """Per test: who passed, what the others' failures said; never a hidden test's text."""
+    from notebooks import hidden_test_lines
+
+    reports = graded["root"] / "autograder" / "reports"
+    analysis = json.loads((reports / "items.json").read_text())[NAME]
+    rows = [s for s in graded["report"].values() if s["status"] == "graded"]
+    assert analysis["students"] == len(rows) and sorted(analysis["scores"]) == sorted(s["score"] for s in rows)
+    assert all(0 <= item["pass_share"] <= 1 for item in analysis["items"]) and len(analysis["items"]) >= 10
+    assert any(item["messages"] for item in analysis["items"]), "a class with mistakes has failure messages"
+    page = (reports / "items.html").read_text()
+    assert "item analysis:" in graded["stdout"] and (reports / f"items-{NAME}.png").read_bytes().startswith(b"\x89PNG")
+    for line in hidden_test_lines(nbformat.read(SOLUTIONS / NAME / f"{NAME}.ipynb", as_version=4)):
+        if len(line) > 20:
+            assert line not in page, f"hidden test text in the item analysis: {line}"

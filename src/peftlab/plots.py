@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-GB = 1e9  # decimal gigabytes, as GPU vendors and the course's arithmetic use them
+GB = 1e9  # decimal gigabytes, the course's unit for byte counts (GPU capacities are in GiB: widgets.GPUS)
 
 # One colour per memory component, used by every memory chart in the course.
 COMPONENT_COLOURS = {

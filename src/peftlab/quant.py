@@ -71,11 +71,12 @@ def round_trip_linear_weights(model: nn.Module, round_trip: Callable[[torch.Tens
 def disable_cpu_weight_repacking(model: nn.Module) -> int:
     """Work around a silent bitsandbytes bug; return how many 4-bit layers were changed.
 
-    On CPUs with AVX512-BF16, the first forward pass through a ``bnb.nn.Linear4bit`` under
-    ``torch.no_grad()`` or in eval mode (evaluation, ``generate``) repacks its weight into an
-    inference-only layout, and from then on training silently loses the gradient through that layer
-    (bitsandbytes 0.50 logs "gemv_4bit: an autograd kernel was not registered"). Turning the repacking
-    off costs some inference speed on those CPUs and changes nothing elsewhere.
+    On CPUs with AVX512-BF16, the first forward pass through a ``bnb.nn.Linear4bit`` in eval mode with
+    an input that needs no gradient (evaluation, ``generate``: bitsandbytes 0.50 checks
+    ``not self.training and not x.requires_grad``) repacks its weight into an inference-only layout, and
+    from then on training silently loses the gradient through that layer (PyTorch's autograd fallback
+    then warns "an autograd kernel was not registered" for ``gemv_4bit``). Turning the repacking off
+    costs some inference speed on those CPUs and changes nothing elsewhere.
     """
     import bitsandbytes as bnb
 

@@ -233,8 +233,10 @@ def predict_peak_bytes(config, *, batch_size: int, seq_len: int, r: int, target_
 
     Activations per token of one decoder layer, with the base frozen (PyTorch keeps no input of a
     linear layer whose weight needs no gradient, and bitsandbytes keeps none of a 4-bit one): the two
-    norms' fp32 inputs (2 x 4h bytes); attention's queries, keys, values (repeated to every head) and
-    output (4 x heads x head_dim elements); the gated MLP's gate, up and product (3 x intermediate);
+    norms' fp32 inputs (2 x 4h bytes); attention's queries and output (2 x heads x head_dim elements)
+    and its keys and values at the key-value heads' width (2 x kv_heads x head_dim: without a padding mask
+    scaled_dot_product_attention takes them unrepeated; with one, transformers repeats them to every head
+    first, about 3 % more on SmolLM2, not counted); the gated MLP's gate, up and product (3 x intermediate);
     for every adapted layer, the fp32 input of its lora_A and
     the r values of its A product (dropout adds an fp32 mask a layer). Per token, the output layer's logits in the compute dtype, their fp32
     copy and the loss's log-probabilities (4 + 4 bytes a vocabulary entry on top).

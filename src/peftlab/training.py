@@ -61,6 +61,7 @@ class TrainResult:
     steps: int = 0
     trainable_params: int = 0
     state_bytes: dict = field(default_factory=dict)  # measured at the last step: weights, gradients, optimizer
+    activation_bytes: int = 0  # measured at the last step: what autograd kept for the backward pass
 
     @property
     def seconds_per_step(self) -> float:
@@ -98,8 +99,11 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
         for _ in range(steps):
             batch = {k: v.to(device) for k, v in next(stream).items()}
             autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-            with autocast:
+            last = result.steps == steps - 1
+            with autocast, (saved_tensors(model) if last else contextlib.nullcontext()) as saved:
                 loss = loss_fn(model, batch)
+            if last:
+                result.activation_bytes = saved.bytes
             loss.backward()
             optimizer.step()
             if result.steps == steps - 1:  # the gradients and Adam's moments all exist now
@@ -116,6 +120,35 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
         if bar is not None:
             bar.close()
     return result
+
+
+class saved_tensors:  # noqa: N801 - used as a context manager, like torch's own hooks
+    """While active, add up the bytes of every tensor autograd keeps for the backward pass (each
+    storage once; ``model``'s own parameters left out): the activation memory of a forward pass,
+    measured with PyTorch's saved-tensor hooks. Under autocast it includes the 16-bit copies of the
+    weights that autocast makes for the step. ``bytes`` holds the sum."""
+
+    def __init__(self, model=None):
+        self._exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        self._kept: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._exclude:
+            self._kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._kept.values())
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
 
 
 def _state_bytes(params, optimizer) -> dict[str, int]:

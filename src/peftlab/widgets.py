@@ -9,11 +9,11 @@ from contextlib import contextmanager
 
 from peftlab.plots import GB, stacked_memory_bars
 
-# Marketed memory in decimal GB; the usable part is a little less (the CUDA context takes ~0.5 GB).
-# GPU memory as the cards report it (the total in nvidia-smi and torch.cuda.get_device_properties), in
-# GiB: vendors sell GPU memory in binary units, so an "80 GB" A100 holds 80 GiB = 85.9e9 bytes, about
-# 7 % more than 80e9. Two cards report less than their label: a T4, sold as 16 GB, reports 15,360 MiB
-# (15 GiB), and an H200, sold as 141 GB, 143,771 MiB (140 GiB).
+# GPU memory in GiB, as nvidia-smi reports the cards: vendors sell GPU memory in binary units, so an
+# "80 GB" A100 holds 80 GiB = 85.9e9 bytes, about 7 % more than 80e9. Two cards report less than their
+# label: a T4, sold as 16 GB, shows 15,360 MiB (15 GiB), and an H200, sold as 141 GB, 143,771 MiB
+# (140 GiB). torch.cuda.get_device_properties reports 1 to 2 % less again (about 79.2 GiB for an 80 GB
+# card), and the CUDA context takes some of that: the verdicts leave room for both.
 GPUS = {
     "T4 (15 GiB)": 15,
     "RTX 4090 (24 GiB)": 24,

@@ -1,0 +1,102 @@
+"""Grading beyond one machine: the execution step on a Dask cluster (`dask.distributed`).
+
+    python -m autograder.grade SUBMISSIONS --scheduler tcp://scheduler:8786   # a running cluster
+    python -m autograder.grade SUBMISSIONS --scheduler local:4                # a LocalCluster, 4 workers
+
+Everything else stays on the instructor's machine: reading and preparing the submissions, nbgrader's
+scoring, the gradebook, feedback and reports. Each task carries one prepared notebook (plain text) and
+its limits to a Dask worker, which grades it exactly as the local path does: a fresh process
+(`python -m autograder.execute`), a sandboxed kernel, the judge outside it. The task returns the result
+and the judged notebook as text, which the instructor's machine writes where the local path would.
+
+A worker lost mid-run costs a retry, not a grade: the scheduler gives its tasks to other workers
+(``distributed.scheduler.allowed-failures``, 3 by default, before a task is reported as failed, and
+then it is a *failed* row with the reason, like any other). A worker needs this repository (the same
+commit) and its environment, installed as for local grading (`scripts/setup.sh`), and the converted
+SmolLM2 cache (made on first use). dask-jobqueue (SLURM, PBS) or dask-kubernetes start such workers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def grade_remote(job: dict, notebook: str) -> dict:
+    """On a worker: grade one prepared notebook; ``{"result": ..., "executed": notebook text}``."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-task-") as tmp:
+        folder = Path(tmp)
+        folder.chmod(0o700)
+        local = {**job, "folder": str(folder / "job"), "notebook": str(folder / "grading.ipynb"),
+                 "output": str(folder / "executed.ipynb"), "result": str(folder / "result.json")}
+        Path(local["folder"]).mkdir(mode=0o700)
+        Path(local["notebook"]).write_text(notebook)
+        (folder / "job.json").write_text(json.dumps(local))
+        sys.path.insert(0, str(ROOT))
+        from autograder.worker import _die_with_parent  # the task's process dies with its worker
+
+        done = subprocess.run([sys.executable, "-m", "autograder.execute", str(folder / "job.json")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=job["notebook_timeout"] + 240,
+                              preexec_fn=_die_with_parent)
+        result, output = Path(local["result"]), Path(local["output"])
+        if not (result.exists() and output.exists()):
+            raise RuntimeError(f"the grading process left no result (exit {done.returncode}): {done.stderr[-400:]}")
+        return {"result": json.loads(result.read_text()), "executed": output.read_text()}
+
+
+def _prepare_worker() -> str:
+    """Run once on each worker: the model cache the kernels read, converted before any kernel starts."""
+    sys.path.insert(0, str(ROOT))
+    from autograder.grade import _convert_models_once
+
+    _convert_models_once()
+    return "ready"
+
+
+class Cluster:
+    """The `autograder.grade.Workers` interface (``run(jobs, on_done)``) on a Dask cluster."""
+
+    def __init__(self, address: str, job_timeout: float):
+        self.address, self.job_timeout = address, job_timeout
+
+    def _client(self):
+        from dask.distributed import Client, LocalCluster
+
+        if self.address.startswith("local"):
+            n = int(self.address.partition(":")[2] or 2)
+            cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None)
+            return Client(cluster), cluster
+        return Client(self.address, timeout=60), None
+
+    def run(self, jobs: list[dict], on_done) -> None:
+        from dask.distributed import as_completed
+
+        client, cluster = self._client()
+        try:
+            client.run(_prepare_worker)
+            futures = {}
+            for job in jobs:
+                notebook = Path(job["notebook"]).read_text()
+                future = client.submit(grade_remote, job, notebook, key=f"grade-{Path(job['folder']).name}-{id(job)}",
+                                       pure=False)
+                futures[future] = job
+            for future in as_completed(futures):
+                job = futures[future]
+                error = None
+                try:
+                    value = future.result(timeout=self.job_timeout)
+                    Path(job["result"]).write_text(json.dumps(value["result"]))
+                    Path(job["output"]).write_text(value["executed"])
+                except Exception as exc:  # noqa: BLE001 - a task the cluster could not finish is a failed row
+                    error = f"the cluster could not grade it: {type(exc).__name__}: {str(exc)[:300]}"
+                on_done(job, error)
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
