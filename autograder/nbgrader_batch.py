@@ -25,6 +25,7 @@ from pathlib import Path
 
 def run_one(argv: list[str]) -> dict:
     from nbgrader.apps.nbgraderapp import NbGraderApp
+    from jupyter_core.application import NoStart
 
     stream = io.StringIO()
     code = 0
@@ -33,6 +34,8 @@ def run_one(argv: list[str]) -> dict:
         try:
             app.initialize(list(argv))
             app.start()
+        except NoStart:  # as traitlets' launch_instance: the command ran in initialize, nothing to start
+            pass
         except SystemExit as exc:  # nbgrader's apps exit on failure
             code = exc.code if isinstance(exc.code, int) else 1
         except Exception as exc:  # noqa: BLE001 - one failing command is reported, the next ones still run
