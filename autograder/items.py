@@ -14,7 +14,8 @@ student to student), cut to 200 characters, and HTML-escaped in the report, sinc
 what a student's code returned.
 
 Writes ``autograder/reports/items.json``, ``items.html`` (tables and the histograms, one
-self-contained file) and ``items-<assignment>.png``.
+self-contained file) and ``items-<assignment>.png``, for the submissions of the run (a run that
+re-grades a few students describes those few); each run's JSON and HTML are also kept with a time stamp.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import html
 import io
 import json
 import re
+import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -140,6 +143,9 @@ def write(folder: Path, report: dict) -> Path:
         parts.append("</table>")
     path = folder / "items.html"
     path.write_text("\n".join(parts) + "\n")
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # items.* describe the latest run; each run is also kept
+    for suffix in ("json", "html"):
+        shutil.copy2(folder / f"items.{suffix}", folder / f"items-{stamp}.{suffix}")
     return path
 
 

@@ -95,6 +95,16 @@ def _docstrings(tree) -> set[int]:
     return ids
 
 
+def _patched(tree) -> set[int]:
+    """Nodes that only name what an assignment replaces (``transformers.X.y = ...``): patching a library is
+    tampering, which other flags report, not using it for an answer."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            found |= {id(inner) for inner in ast.walk(node.value)}
+    return found
+
+
 def _chain(node) -> list[str] | None:
     """``a.b.c`` -> ["a", "b", "c"]; None when the base is not a plain name."""
     parts = []
@@ -125,7 +135,10 @@ def direct_use(source: str, origins: dict[str, str], entries: list[str], own: se
                 if _matches(f"{node.module}.{alias.name}", entries):
                     return f"imports {alias.name} from {node.module}"
     strings = _docstrings(tree)
+    patched = _patched(tree)
     for node in ast.walk(tree):
+        if id(node) in patched:
+            continue
         if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
             chain = _chain(node)
             if chain and chain[0] in local:

@@ -622,7 +622,9 @@ def graded(tmp_path_factory):
     listener.close()
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads((root / "autograder" / "reports" / "report.json").read_text())
-    return {"root": root, "report": {s["name"]: s for s in report["submissions"]}, "skipped": report["skipped"],
+    items_of_this_run = {"json": json.loads((root / "autograder" / "reports" / "items.json").read_text()),
+                         "html": (root / "autograder" / "reports" / "items.html").read_text()}
+    return {"items": items_of_this_run, "root": root, "report": {s["name"]: s for s in report["submissions"]}, "skipped": report["skipped"],
             "expected": expected, "received": listener.received, "stdout": done.stdout, "env": env, "archive": archive,
             "checks_unchanged": checks.read_bytes() == checks_before, "csv": (root / "autograder" / "reports" / "report.csv")}
 
@@ -835,12 +837,13 @@ def test_the_run_writes_an_item_analysis(graded):
     from notebooks import hidden_test_lines
 
     reports = graded["root"] / "autograder" / "reports"
-    analysis = json.loads((reports / "items.json").read_text())[NAME]
+    analysis = graded["items"]["json"][NAME]  # of the fixture's run (a later run re-grades a few)
     rows = [s for s in graded["report"].values() if s["status"] == "graded"]
     assert analysis["students"] == len(rows) and sorted(analysis["scores"]) == sorted(s["score"] for s in rows)
     assert all(0 <= item["pass_share"] <= 1 for item in analysis["items"]) and len(analysis["items"]) >= 10
     assert any(item["messages"] for item in analysis["items"]), "a class with mistakes has failure messages"
-    page = (reports / "items.html").read_text()
+    page = graded["items"]["html"]
+    assert list(reports.glob("items-*.json")), "each run's analysis is kept beside the latest"
     assert "item analysis:" in graded["stdout"] and (reports / f"items-{NAME}.png").read_bytes().startswith(b"\x89PNG")
     for line in hidden_test_lines(nbformat.read(SOLUTIONS / NAME / f"{NAME}.ipynb", as_version=4)):
         if len(line) > 20:

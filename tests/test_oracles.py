@@ -113,6 +113,8 @@ def test_mentions_in_prose_and_the_student_s_own_names_do_not_count():
                               {"hardware": "peftlab.hardware"}, entries, {"f"})
     assert oracles.direct_use("def f(config):\n    return lab.predict_for(config, {})\n",
                               {"lab": "peftlab.lab"}, entries, {"f"})
+    # patching a library is tampering (flagged elsewhere), not using it for an answer
+    assert oracles.direct_use("lab.predict_for = None\n", {"lab": "peftlab.lab"}, entries, set()) is None
 
     helper = nbformat.v4.new_code_cell("from peftlab.reference import predict_peak_bytes as _p\n\ndef helper(*a, **k):\n"
                                        "    return _p(*a, **k)\n", metadata={"tags": ["student-added"]})
@@ -137,7 +139,9 @@ def test_the_reference_leaves_the_namespace_after_each_cell(capsys):
 
     shell = InteractiveShell.instance()
     try:
-        shell.run_cell("import peftlab\nimport peftlab.checks")
+        # as in a fresh kernel: the checks module is first imported with the shell running (this test
+        # process may have imported it before any shell existed)
+        shell.run_cell("import importlib, peftlab, peftlab.checks\nimportlib.reload(peftlab.checks)")
         shell.run_cell("from peftlab.reference import peft_lora_count\nfrom peftlab import reference\nfound = callable(peft_lora_count)")
         assert shell.user_ns["found"] is True  # usable inside the cell that imported it
         assert "peft_lora_count" not in shell.user_ns and "reference" not in shell.user_ns
