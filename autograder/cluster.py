@@ -5,8 +5,9 @@
 
 Everything else stays on the instructor's machine: reading and preparing the submissions, nbgrader's
 scoring, the gradebook, feedback and reports. Each task carries one prepared notebook (plain text) and
-its limits to a Dask worker, which grades it exactly as the local path does: a fresh process
-(`python -m autograder.execute`), a sandboxed kernel, the judge outside it. The task returns the result
+its limits to a Dask worker, which grades it exactly as the local path does: a long-lived grading
+process (`autograder.worker`, one per Dask worker thread, reused from task to task), a fresh sandboxed
+kernel per notebook, the judge outside it. The task returns the result
 and the judged notebook as text, which the instructor's machine writes where the local path would.
 
 A worker lost mid-run costs a retry, not a grade: the scheduler gives its tasks to other workers
@@ -18,8 +19,10 @@ SmolLM2 cache (made on first use). dask-jobqueue (SLURM, PBS) or dask-kubernetes
 
 from __future__ import annotations
 
+import contextlib
 import json
-import subprocess
+import os
+import queue
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +30,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_IDLE: "queue.SimpleQueue" = queue.SimpleQueue()  # this Dask worker's grading processes, between tasks
+
+
 def grade_remote(job: dict, notebook: str) -> dict:
-    """On a worker: grade one prepared notebook; ``{"result": ..., "executed": notebook text}``."""
+    """On a worker: grade one prepared notebook; ``{"result": ..., "executed": notebook text}``.
+
+    The grading runs in a long-lived `autograder.worker` process of this Dask worker (started on its
+    first task, reused by the next: the judge's libraries are imported once), with a fresh sandboxed
+    kernel per notebook, exactly as the local path grades. A task that kills or hangs that process
+    fails alone (a failed row with the reason); the next task starts another."""
+    sys.path.insert(0, str(ROOT))
+    from autograder.grade import WorkerProcess
+
     with tempfile.TemporaryDirectory(prefix="peftlab-task-") as tmp:
         folder = Path(tmp)
         folder.chmod(0o700)
@@ -36,16 +50,18 @@ def grade_remote(job: dict, notebook: str) -> dict:
                  "output": str(folder / "executed.ipynb"), "result": str(folder / "result.json")}
         Path(local["folder"]).mkdir(mode=0o700)
         Path(local["notebook"]).write_text(notebook)
-        (folder / "job.json").write_text(json.dumps(local))
-        sys.path.insert(0, str(ROOT))
-        from autograder.worker import _die_with_parent  # the task's process dies with its worker
-
-        done = subprocess.run([sys.executable, "-m", "autograder.execute", str(folder / "job.json")], cwd=ROOT,
-                              capture_output=True, text=True, timeout=job["notebook_timeout"] + 240,
-                              preexec_fn=_die_with_parent)
+        try:
+            worker = _IDLE.get_nowait()
+        except queue.Empty:
+            worker = None
+        if worker is None or not worker.alive():
+            worker = WorkerProcess()
+        error = worker.grade(local, job["notebook_timeout"] + 240)
+        if error is None:
+            _IDLE.put(worker)
         result, output = Path(local["result"]), Path(local["output"])
-        if not (result.exists() and output.exists()):
-            raise RuntimeError(f"the grading process left no result (exit {done.returncode}): {done.stderr[-400:]}")
+        if error or not (result.exists() and output.exists()):
+            raise RuntimeError(error or "the grading process left no result")
         return {"result": json.loads(result.read_text()), "executed": output.read_text()}
 
 
@@ -56,6 +72,20 @@ def _prepare_worker() -> str:
 
     _convert_models_once()
     return "ready"
+
+
+@contextlib.contextmanager
+def kept_environ():
+    """Put this process's environment back after Dask changed it: a LocalCluster's nanny writes its
+    ``pre-spawn-environ`` (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, ...) into the environment of the process
+    that runs it, each time it starts a worker, so everything that process starts later would run on
+    one thread."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 class Cluster:
@@ -75,6 +105,10 @@ class Cluster:
         return Client(self.address, timeout=60), None
 
     def run(self, jobs: list[dict], on_done) -> None:
+        with kept_environ():  # a LocalCluster's nanny changes it when it starts or restarts a worker
+            self._run(jobs, on_done)
+
+    def _run(self, jobs: list[dict], on_done) -> None:
         from dask.distributed import as_completed
 
         client, cluster = self._client()

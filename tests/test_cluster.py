@@ -15,11 +15,22 @@ import time
 import nbformat
 import pytest
 
-from notebooks import ROOT, SOLUTIONS, isolated_env
+from notebooks import ROOT, SOLUTIONS, isolated_env, seeded_cache
 from test_autograder import NAME, SLOPPY, student
 
 pytest.importorskip("distributed")
 pytestmark = pytest.mark.slow
+
+@pytest.fixture(autouse=True)
+def _environment_kept():
+    """A LocalCluster made here writes OMP_NUM_THREADS=1 (and more) into this process's environment
+    whenever it starts a worker: without this, every kernel the rest of the suite starts would run on
+    one thread (it made notebooks 07 and 08 take 1.5-2 times as long)."""
+    from autograder.cluster import kept_environ
+
+    with kept_environ():
+        yield
+
 
 CLASS = {"honest": student(), "sloppy": student(answers=SLOPPY), "stub": None}
 
@@ -31,7 +42,10 @@ def _grade(tmp, label, extra=(), during=None):
     for name, nb in CLASS.items():
         (inbox / name).mkdir(parents=True)
         (inbox / name / f"{NAME}.ipynb").write_text(release if nb is None else nbformat.writes(nb))
-    env = {**os.environ, **isolated_env(tmp / label / "home", tmp / "cache"), "PEFTLAB_COURSE_ROOT": str(root)}
+    cache = tmp / "cache"
+    if not cache.exists():
+        seeded_cache(cache)
+    env = {**os.environ, **isolated_env(tmp / label / "home", cache), "PEFTLAB_COURSE_ROOT": str(root)}
     proc = subprocess.Popen([sys.executable, "-m", "autograder.grade", str(inbox), "--workers", "2", "--cell-timeout", "30",
                              "--quiet", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if during is not None:
@@ -72,6 +86,14 @@ def test_a_cluster_grades_as_the_local_path_does_even_when_a_worker_dies(tmp_pat
         cluster.close()
     assert killed, "the test killed no worker"
     assert remote == local, f"local {local}, cluster {remote}"
+
+
+def test_grading_on_a_local_cluster_leaves_the_environment_alone():
+    from autograder.cluster import Cluster
+
+    before = dict(os.environ)
+    Cluster("local:1", 60).run([], lambda job, error: None)
+    assert dict(os.environ) == before, {k: v for k, v in os.environ.items() if before.get(k) != v}
 
 
 def test_a_local_cluster_by_name(tmp_path):
