@@ -195,9 +195,14 @@ class Session:
         start = time.monotonic()
         deadline = self.deadline = start + self.job["notebook_timeout"]
         tests, stopped, baseline, printed = [], None, None, {}
+        # Where the time goes: the kernel's start, the imports cell, the other cells, the tests' calls
+        # and checks (visible, then hidden), the integrity checks.
+        timing = result["timing"] = dict.fromkeys(("kernel_start", "imports", "cells", "tests", "hidden", "integrity"), 0.0)
         self.judge.reference_use = oracles.find(nb)  # answers that use the tests' reference score nothing
         try:
+            clock = time.monotonic()
             self.kernel.start()
+            timing["kernel_start"] = time.monotonic() - clock
         except Exception as exc:  # noqa: BLE001
             stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"
             self.flags.append(stopped)
@@ -213,7 +218,9 @@ class Session:
                     continue
                 self.printed = []
                 grade_id = cell.metadata["nbgrader"]["grade_id"]
+                clock = time.monotonic()
                 self.judge.test(grade_id, cell.source)
+                timing["tests"] += time.monotonic() - clock
                 printed[index] = "".join(self.printed)
                 continue
             cell.outputs = []
@@ -226,7 +233,9 @@ class Session:
                 stopped = f"the notebook ran past its {self.job['notebook_timeout']} s limit"
                 self.flags.append(stopped)
                 continue
+            clock = time.monotonic()
             run = self.kernel.run(cell.source)
+            timing["imports" if cell.get("id") == "imports" else "cells"] += time.monotonic() - clock
             cell.outputs = sanitize(run.outputs)
             if run.capped:
                 self.notes.append(f"output of cell {cell.get('id')} cut to {self.kernel.limits.max_output_bytes // 1024} KB")
@@ -245,11 +254,20 @@ class Session:
                 except Exception as exc:  # noqa: BLE001 - the instructor's cell failing here is worth saying
                     self.notes.append(f"locked cell {cell.get('id')} failed in the judge: {type(exc).__name__}: {exc}")
                 if cell.get("id") == "imports":
+                    clock = time.monotonic()
                     baseline = self.integrity()
+                    timing["integrity"] += time.monotonic() - clock
         if not stopped:
-            self.compare(baseline, self.integrity(), "during the notebook")
+            clock = time.monotonic()
+            now = self.integrity()
+            timing["integrity"] += time.monotonic() - clock
+            self.compare(baseline, now, "during the notebook")
+            clock = time.monotonic()
             self.judge.finish()
+            timing["hidden"] += time.monotonic() - clock
+            clock = time.monotonic()
             self.compare(baseline, self.integrity(), "during the hidden tests")
+            timing["integrity"] += time.monotonic() - clock
         for index, cell in enumerate(nb.cells):
             if not _is_test(cell):
                 continue

@@ -59,6 +59,7 @@ from autograder import items  # noqa: E402
 from autograder import prepare as prep  # noqa: E402
 from autograder import sandbox  # noqa: E402
 from autograder.execute import _error_output, _is_test  # noqa: E402
+from autograder.release import nbgrader_batch  # noqa: E402
 
 ZIP_LIMIT_BYTES = 4 << 30
 ZIP_LIMIT_FILES = 20_000
@@ -81,6 +82,7 @@ class Submission:
     flags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    timing: dict = field(default_factory=dict)  # the grading process's breakdown (`autograder.execute`)
 
 
 def course_root() -> Path:
@@ -281,24 +283,6 @@ def releases_of(root: Path, names: list[str], work: Path) -> dict:
     return {name: nbformat.read(cache / name / f"{name}.ipynb", as_version=4) for name in names}
 
 
-def nbgrader_batch(root: Path, plan: list[list[str]], work: Path, timeout: int = 3600) -> list[dict]:
-    """Run nbgrader commands (argument lists) in order, in one nbgrader process
-    (`autograder.nbgrader_batch`); returns each command's exit code and log."""
-    from autograder.release import nbgrader_env
-
-    plan_file, result_file = work / "nbgrader-plan.json", work / "nbgrader-result.json"
-    plan_file.write_text(json.dumps(plan))
-    try:
-        done = subprocess.run([sys.executable, "-m", "autograder.nbgrader_batch", str(plan_file), str(result_file)],
-                              cwd=ROOT, env=nbgrader_env(root), capture_output=True, text=True, timeout=timeout)
-        if done.returncode == 0 and result_file.exists():
-            return json.loads(result_file.read_text())
-        problem = f"exit code {done.returncode}: {done.stderr[-2000:]}"
-    except subprocess.TimeoutExpired:
-        problem = f"ran past {timeout} s and was stopped"
-    return [{"args": command, "returncode": -1, "log": f"the nbgrader process {problem}"} for command in plan]
-
-
 def _unreadable(release_nb, reason: str):
     """A stand-in for a file that cannot be graded: the release with every test failed, not run."""
     nb = nbformat.from_dict(json.loads(json.dumps(release_nb)))
@@ -325,41 +309,76 @@ def _convert_models_once() -> None:
             pass
 
 
+class WorkerProcess:
+    """One long-lived `autograder.worker` process, fed one job at a time; a job that kills or hangs it
+    costs only itself (the caller starts another)."""
+
+    def __init__(self):
+        self.log = tempfile.TemporaryFile()  # the worker's own messages: the tail is reported if it dies
+        self.proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
+                                     start_new_session=True)
+        self.lines: queue.Queue = queue.Queue()
+
+        def read():
+            for line in self.proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _tail(self, size: int = 400) -> str:
+        self.log.seek(0, os.SEEK_END)
+        self.log.seek(max(0, self.log.tell() - size))
+        return self.log.read().decode(errors="replace").strip()
+
+    def grade(self, job: dict, timeout: float) -> str | None:
+        """Grade ``job`` (its ``job.json`` is written into its folder); the error, or None. After an
+        error the process is stopped."""
+        path = str(Path(job["folder"]) / "job.json")
+        Path(path).write_text(json.dumps(job))
+        error = None
+        try:
+            self.proc.stdin.write(json.dumps({"job": path}) + "\n")
+            self.proc.stdin.flush()
+            deadline = time.monotonic() + timeout
+            while True:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+                if line is None:
+                    self.proc.wait()
+                    error = f"the grading worker died (exit {self.proc.returncode}): {self._tail()}"
+                    break
+                if line.strip() == f"PEFTLAB-DONE {path}":
+                    break
+        except queue.Empty:
+            error = "the grading process overran its time and was stopped"
+        except (BrokenPipeError, OSError):
+            error = "the grading worker died"
+        if error:
+            self.close()
+        return error
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+
 class Workers:
-    """``n`` long-lived `autograder.worker` processes; a job that kills or hangs one costs only itself."""
+    """``n`` long-lived `autograder.worker` processes grading the jobs between them."""
 
     def __init__(self, n: int, job_timeout: float):
         self.n, self.job_timeout = max(1, n), job_timeout
-
-    def _start(self):
-        log = tempfile.TemporaryFile()  # the worker's own messages: the tail is reported if it dies
-        proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1, start_new_session=True)
-        proc.log = log
-        lines: queue.Queue = queue.Queue()
-
-        def read():
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=read, daemon=True).start()
-        return proc, lines
-
-    @staticmethod
-    def _tail(proc, size: int = 400) -> str:
-        proc.log.seek(0, os.SEEK_END)
-        proc.log.seek(max(0, proc.log.tell() - size))
-        return proc.log.read().decode(errors="replace").strip()
-
-    @staticmethod
-    def _stop(proc) -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        proc.wait()
-        proc.log.close()
 
     def run(self, jobs: list[dict], on_done) -> None:
         todo: queue.Queue = queue.Queue()
@@ -367,40 +386,20 @@ class Workers:
             todo.put(job)
 
         def loop():
-            proc = lines = None
+            worker = None
             while True:
                 try:
                     job = todo.get_nowait()
                 except queue.Empty:
                     break
-                if proc is None or proc.poll() is not None:
-                    proc, lines = self._start()
-                path = str(Path(job["folder"]) / "job.json")
-                Path(path).write_text(json.dumps(job))
-                error = None
-                try:
-                    proc.stdin.write(json.dumps({"job": path}) + "\n")
-                    proc.stdin.flush()
-                    deadline = time.monotonic() + self.job_timeout
-                    while True:
-                        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-                        if line is None:
-                            proc.wait()
-                            error = f"the grading worker died (exit {proc.returncode}): {self._tail(proc)}"
-                            break
-                        if line.strip() == f"PEFTLAB-DONE {path}":
-                            break
-                except queue.Empty:
-                    error = "the grading process overran its time and was stopped"
-                except (BrokenPipeError, OSError):
-                    error = "the grading worker died"
+                if worker is None or not worker.alive():
+                    worker = WorkerProcess()
+                error = worker.grade(job, self.job_timeout)
                 if error:
-                    self._stop(proc)
-                    proc = None
+                    worker = None
                 on_done(job, error)
-            if proc is not None:
-                proc.stdin.close()
-                self._stop(proc)
+            if worker is not None:
+                worker.close()
 
         threads = [threading.Thread(target=loop) for _ in range(min(self.n, len(jobs)))]
         for t in threads:
@@ -446,7 +445,7 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
     start = time.monotonic()
     (root / "autograder").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="peftlab-grade-"))
-    run_notes = []
+    run_notes, phases = [], {}  # phases: where the run's time went
     try:
         broken: dict[str, str] = {}
         if inputs.is_file() and zipfile.is_zipfile(inputs):
@@ -511,6 +510,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             by_job[job["folder"]] = sub
 
         _convert_models_once()
+        phases["read, release and prepare"] = time.monotonic() - start
+        clock = time.monotonic()
         bar = _progress(len(jobs)) if progress else None
         lock = threading.Lock()
 
@@ -527,6 +528,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                 sub.flags += result.get("flags", [])
                 sub.notes += result.get("notes", [])
                 sub.seconds = result.get("seconds", 0.0)
+                sub.timing = {k: round(v, 3) for k, v in result.get("timing", {}).items()
+                              if isinstance(v, (int, float))}
                 output = Path(job["output"])
                 if error or not output.exists():
                     sub.status, sub.reason = "failed", error or "no output"
@@ -545,6 +548,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             Workers(workers, notebook_timeout + 240).run(jobs, done)
         if bar is not None:
             bar.close()
+        phases["execute"] = time.monotonic() - clock
+        clock = time.monotonic()
 
         # nbgrader scores what ran (Execute and ClearOutput off), one assignment at a time.
         gradebook = root / "autograder" / "gradebook.db"
@@ -560,12 +565,19 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         graded_names = sorted({s.assignment for s in submissions})
         plan = []
         for name in graded_names:
+            # Students graded before and not in this run are left alone: nbgrader would score (and write
+            # feedback for) every submission of the assignment again, so regrading a few cost the class.
+            earlier = {p.parent.name for p in (root / "autograder" / "submitted").glob(f"*/{name}")}
+            others = sorted(earlier - {s.student for s in submissions if s.assignment == name})
+            keep = [f"--CourseDirectory.student_id_exclude={','.join(others)}"] if others else []
             plan += [["autograde", name, "--force", "--Execute.enabled=False", "--ClearOutput.enabled=False",
-                      "--Autograde.create_student=True"], ["generate_feedback", name, "--force"]]
+                      "--Autograde.create_student=True", *keep], ["generate_feedback", name, "--force", *keep]]
         plan.append(["export", "--to", str(root / "autograder" / "grades.csv")])
         for step in nbgrader_batch(root, plan, work):  # one nbgrader process for the whole run
             if step["returncode"] != 0:
                 run_notes.append(f"nbgrader {' '.join(step['args'][:2])} reported problems:\n{step['log'][-2000:]}")
+        phases["nbgrader"] = time.monotonic() - clock
+        clock = time.monotonic()
         for name in graded_names:
             students = [s for s in submissions if s.assignment == name]
             graded = scores(root, [(s.student, name) for s in students])
@@ -583,7 +595,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                         items.analyse(rows, {name: items.test_points(sources[name][0]) for name in sorted(sources)}))
         except Exception as exc:  # noqa: BLE001 - the grades stand without it
             run_notes.append(f"the item analysis could not be written: {type(exc).__name__}: {exc}")
-        write_report(root, submissions + skipped, run_notes, time.monotonic() - start, workers, use_sandbox)
+        phases["scores and item analysis"] = time.monotonic() - clock
+        write_report(root, submissions + skipped, run_notes, time.monotonic() - start, workers, use_sandbox, phases)
         return submissions + skipped
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -605,7 +618,7 @@ def cell(text) -> str:
 
 
 def write_report(root: Path, submissions: list[Submission], run_notes: list[str], seconds: float,
-                 workers: int, sandboxed: bool) -> None:
+                 workers: int, sandboxed: bool, phases: dict | None = None) -> None:
     reports = root / "autograder" / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     with open(reports / "report.csv", "w", newline="") as f:
@@ -617,6 +630,7 @@ def write_report(root: Path, submissions: list[Submission], run_notes: list[str]
                                                " | ".join(s.flags), " | ".join(s.notes), s.reason, s.file)])
     (reports / "report.json").write_text(json.dumps(
         {"seconds": seconds, "workers": workers, "sandbox": sandboxed, "notes": run_notes,
+         "phases": {k: round(v, 2) for k, v in (phases or {}).items()},
          "submissions": [asdict(s) for s in submissions if s.status != "skipped"],
          "skipped": [asdict(s) for s in submissions if s.status == "skipped"]}, indent=1))
     stamp = time.strftime("%Y%m%d-%H%M%S")  # report.* describe the latest run; each run is also kept

@@ -106,16 +106,31 @@ def nbgrader_env(root: Path = ROOT) -> dict[str, str]:
             "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
 
 
-def generate(assignment: str, release_dir: Path = COURSE, db_url: str | None = None) -> None:
-    """Run nbgrader's generate_assignment for one assignment into ``release_dir``."""
-    cmd = [sys.executable, "-m", "nbgrader", "generate_assignment", assignment, "--force",
-           f"--CourseDirectory.release_directory={release_dir}"]
-    if db_url:
-        cmd.append(f"--CourseDirectory.db_url={db_url}")
-    env = nbgrader_env()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"nbgrader generate_assignment {assignment} failed:\n{done.stdout}{done.stderr}")
+def nbgrader_batch(root: Path, plan: list[list[str]], work: Path, timeout: int = 3600) -> list[dict]:
+    """Run nbgrader commands (argument lists) in order, in one nbgrader process
+    (`autograder.nbgrader_batch`); returns each command's exit code and log."""
+    plan_file, result_file = work / "nbgrader-plan.json", work / "nbgrader-result.json"
+    plan_file.write_text(json.dumps(plan))
+    try:
+        done = subprocess.run([sys.executable, "-m", "autograder.nbgrader_batch", str(plan_file), str(result_file)],
+                              cwd=ROOT, env=nbgrader_env(root), capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 and result_file.exists():
+            return json.loads(result_file.read_text())
+        problem = f"exit code {done.returncode}: {done.stderr[-2000:]}"
+    except subprocess.TimeoutExpired:
+        problem = f"ran past {timeout} s and was stopped"
+    return [{"args": command, "returncode": -1, "log": f"the nbgrader process {problem}"} for command in plan]
+
+
+def generate(names: list[str], release_dir: Path = COURSE, db_url: str | None = None) -> None:
+    """Run nbgrader's generate_assignment for each assignment into ``release_dir`` (one nbgrader process)."""
+    extra = [f"--CourseDirectory.db_url={db_url}"] if db_url else []
+    plan = [["generate_assignment", name, "--force", f"--CourseDirectory.release_directory={release_dir}", *extra]
+            for name in names]
+    with tempfile.TemporaryDirectory() as work:
+        for name, step in zip(names, nbgrader_batch(ROOT, plan, Path(work)), strict=True):
+            if step["returncode"] != 0:
+                raise RuntimeError(f"nbgrader generate_assignment {name} failed:\n{step['log']}")
 
 
 def _normalised(path: Path):
@@ -147,8 +162,7 @@ def check() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         release_dir = Path(tmp) / "course"
         db_url = f"sqlite:///{Path(tmp) / 'gradebook.db'}"
-        for name in assignments():
-            generate(name, release_dir, db_url)
+        generate(assignments(), release_dir, db_url)
         return stale_files(release_dir)
 
 
@@ -167,8 +181,9 @@ def main(argv=None) -> int:
     (ROOT / "autograder").mkdir(exist_ok=True)
     for path in stamp():
         print(f"updated {path} from the repository address in pyproject.toml")
-    for name in args.assignment or assignments():
-        generate(name)
+    names = args.assignment or assignments()
+    generate(names)
+    for name in names:
         print(f"released {name} -> course/{name}")
     return 0
 

@@ -44,6 +44,28 @@ print(json.dumps({"seconds": seconds, "kernel_peak_mb": peak_mb}))
 """
 
 
+# The floor of grading one notebook: a plain kernel (no sandbox, judge, nbgrader or worker) running
+# the graded cells, demonstrations left out, as the grader leaves them out.
+_FLOOR = r"""
+import json, sys, time
+import nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+nb.cells = [c for c in nb.cells if "demo" not in c.get("metadata", {}).get("tags", [])]
+client = NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": sys.argv[2]}})
+start = time.perf_counter()
+with client.setup_kernel():
+    client.wait_for_reply(client.kc.kernel_info())
+    times = {"kernel_start": time.perf_counter() - start, "imports": 0.0, "cells": 0.0}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            clock = time.perf_counter()
+            client.execute_cell(cell, index)
+            times["imports" if cell.get("id") == "imports" else "cells"] += time.perf_counter() - clock
+print(json.dumps(times))
+"""
+
+
 def isolated_env(home: Path, cache: Path) -> dict[str, str]:
     """The tests' isolated, offline environment, with this Python's scripts (nbgrader, alembic) on PATH."""
     return {**os.environ, **test_env(home, cache),
@@ -58,7 +80,7 @@ def timed(cmd, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = ()) -> float:
+def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = (), report: dict | None = None) -> float:
     root = tmp / f"grade-root-{inbox.name}-{workers}{'-'.join(extra).replace(':', '')}"
     shutil.copytree(ROOT / "solutions", root / "solutions")
     (root / "autograder").mkdir()
@@ -68,7 +90,38 @@ def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = ()) -
     subprocess.run([PY, "-c", "import sys, tempfile; sys.path.insert(0, '.'); from autograder.grade import releases_of; "
                     "from pathlib import Path; releases_of(Path(sys.argv[1]), sys.argv[2:], Path(tempfile.mkdtemp()))",
                     str(root), *names], cwd=ROOT, env=genv, check=True)
-    return timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet", *extra], cwd=ROOT, env=genv)
+    seconds = timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet", *extra], cwd=ROOT,
+                    env=genv)
+    if report is not None:
+        report.update(json.loads((root / "autograder" / "reports" / "report.json").read_text()))
+    return seconds
+
+
+def floor_rows(env: dict, rows: list, graded: dict) -> None:
+    """The floor of one complete student (each notebook's kernel start, imports and graded cells in a
+    plain kernel) against the grading run's own breakdown (``graded``: its report.json, 1 worker)."""
+    floor = {"kernel_start": 0.0, "imports": 0.0, "cells": 0.0}
+    for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
+        done = subprocess.run([PY, "-c", _FLOOR, str(path), str(path.parent)], env=env, capture_output=True, text=True,
+                              check=True)
+        for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            floor[key] += value
+    total = sum(floor.values())
+    rows.append(("floor of one complete student: a plain kernel per notebook, graded cells only",
+                 f"{total:.1f} s (kernel starts {floor['kernel_start']:.1f}, imports {floor['imports']:.1f}, "
+                 f"cells {floor['cells']:.1f})", ""))
+    inside = {}
+    for sub in graded["submissions"]:
+        for key, value in sub.get("timing", {}).items():
+            inside[key] = inside.get(key, 0.0) + value
+    jobs = sum(sub.get("seconds", 0.0) for sub in graded["submissions"])
+    phases = graded.get("phases", {})
+    rows.append(("  where the grading run's time went (1 worker)",
+                 f"{graded['seconds']:.1f} s: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), ""))
+    rows.append(("  inside its notebooks' grading",
+                 f"{jobs:.1f} s: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in inside.items())
+                 + f"; the rest {phases.get('execute', jobs) - sum(inside.values()):.1f} (worker start, judge imports, "
+                 "sandbox set-up, kernel shutdown)", ""))
 
 
 def prepare_row(rows: list) -> None:
@@ -100,10 +153,12 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
     for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
         (complete / "student").mkdir(parents=True, exist_ok=True)
         shutil.copy(path, complete / "student" / path.name)
+    graded = {}
     for workers in (1, 2):
-        seconds = _grade(tmp, env, complete, workers)
+        seconds = _grade(tmp, env, complete, workers, report=graded if workers == 1 else None)
         rows.append((f"grading command: one complete student ({len(list(complete.rglob('*.ipynb')))} notebooks), "
                      f"{workers} worker(s)", f"{seconds:.1f} s ({60 / seconds:.2f} students/min)", ""))
+    floor_rows(env, rows, graded)
     klass = tmp / "inbox-class"
     for i in range(8):
         (klass / f"student{i}").mkdir(parents=True)
