@@ -51,12 +51,13 @@ def hidden_test_lines(nb) -> list[str]:
     return lines
 
 
-def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_cells=()):
+def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_cells=(), skip_tags=()):
     """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder; the code of
-    ``extra_cells`` runs after its last cell."""
+    ``extra_cells`` runs after its last cell; cells tagged with one of ``skip_tags`` are left out."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    nb.cells = [c for c in nb.cells if not set(skip_tags) & set(c.get("metadata", {}).get("tags", []))]
     nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
                             resources={"metadata": {"path": str(path.parent)}})
@@ -64,11 +65,41 @@ def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_ce
     return nb
 
 
+# Run after a whole notebook (see `reachable_reference`): what of the tests' reference code a student's next cell could call.
+REACHABLE_PROBE = """
+def _reachable(namespace):
+    import json, sys, types
+    reference, found = sys.modules.get("peftlab.reference"), []
+    if reference is not None:
+        oracles = {id(reference)} | {id(v) for v in vars(reference).values()
+                                     if getattr(v, "__module__", None) == reference.__name__}
+        for name, value in list(namespace.items()):
+            if id(value) in oracles:
+                found.append(name)
+            elif isinstance(value, types.ModuleType):
+                found += [f"{name}.{a}" for a, v in vars(value).items() if not a.startswith("_") and id(v) in oracles]
+    print("REACHABLE", json.dumps(found))
+
+
+_reachable(globals())
+"""
+
+
+def reachable_reference(nb) -> list[str]:
+    """What the `REACHABLE_PROBE` cell (the notebook's last) found of the reference code."""
+    import json
+
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o["output_type"] == "stream")
+    assert "REACHABLE" in printed, f"the probe cell did not report: {nb.cells[-1].outputs}"
+    return json.loads(printed.split("REACHABLE", 1)[1])
+
+
 def cell_errors(cell) -> list[str]:
     return [f"{o['ename']}: {o['evalue']}" for o in cell.get("outputs", []) if o["output_type"] == "error"]
 
 
-def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo",)) -> dict[str, BaseException | None]:
+def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo",),
+                    until: set[str] | None = None) -> dict[str, BaseException | None]:
     """Run a notebook's graded path in-process, split as the grader splits it, and report each test.
 
     The student's side (locked, answer and plain cells, and the ``@observe`` calls of the tests) runs
@@ -76,6 +107,8 @@ def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo"
     student's names) in another, with the hidden parts of the tests held back to the end, exactly as
     `autograder.execute` does with a real kernel. ``replace`` maps a solution cell's grade_id to other
     source (a student's mistake). Cells tagged ``demo`` are skipped: graded tests never depend on them.
+    With ``until`` (grade_ids), the run stops once all of them have run, and then runs the hidden parts
+    of the tests so far: the verdicts of those tests are complete, later cells cannot change them.
     Returns grade_id -> an exception describing the failure, or None when the test passed.
     """
     import sys
@@ -96,13 +129,18 @@ def run_graded_path(nb, replace: dict[str, str] | None = None, skip_tags=("demo"
         if grade_id in replace and nbgrader_meta(cell).get("solution"):
             cell["source"] = replace[grade_id]
     judge = Judge(kernel.send, student, oracles.find(graded))
+    seen = set()  # the grade_ids run so far
     for cell in nb.cells:
         if cell["cell_type"] != "code" or set(skip_tags) & set(cell.get("metadata", {}).get("tags", [])):
             continue
         grade_id = nbgrader_meta(cell).get("grade_id")
         source = replace.pop(grade_id, cell["source"]) if grade_id else cell["source"]
+        seen.add(grade_id)
         if is_test_cell(cell):
             judge.test(grade_id, source)
+            seen.add(grade_id)
+            if until is not None and until <= seen:
+                break  # what comes later cannot change these tests' verdicts
             continue
         if "judge-only" in cell.get("metadata", {}).get("tags", []):
             judge.locked(source)
@@ -142,6 +180,20 @@ def isolated_env(home: Path, cache: Path) -> dict[str, str]:
     }
 
 
+def seeded_cache(folder: Path) -> Path:
+    """A private model cache for a grading run (its kernels see it read-only; with the sandbox off a
+    submission could write there), holding a copy of the session's converted SmolLM2: a copy takes
+    about a second, a conversion about 20."""
+    import shutil
+
+    from peftlab.env import SMOLLM2_CACHE_NAME, cache_dir
+    from peftlab.models import smollm2_path
+
+    smollm2_path()  # converted once per session, into the session's cache
+    shutil.copytree(cache_dir() / SMOLLM2_CACHE_NAME, folder / SMOLLM2_CACHE_NAME)
+    return folder
+
+
 @contextlib.contextmanager
 def environ(**values):
     old = {k: os.environ.get(k) for k in values}
@@ -171,10 +223,10 @@ def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = No
     def notebook():
         return nbformat.read(path, as_version=4)
 
-    def swapped(grade_id, old, new):
+    def swapped(grade_id, old, new, until=None):
         source = solution_source(notebook(), grade_id)
         assert old in source, f"mutation anchor not found in {grade_id}: {old!r}"
-        return run_graded_path(notebook(), {grade_id: source.replace(old, new)})
+        return run_graded_path(notebook(), {grade_id: source.replace(old, new)}, until=until)
 
     def summary(outcomes):
         return {k: str(v)[:300] if v else "pass" for k, v in outcomes.items()}
@@ -186,7 +238,7 @@ def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = No
     @pytest.mark.parametrize("name", list(mutants))
     def test_tests_reject_mistake(name):
         grade_id, old, new, must_fail = mutants[name]
-        outcomes = swapped(grade_id, old, new)
+        outcomes = swapped(grade_id, old, new, until={grade_id, *must_fail})
         assert any(outcomes.get(gid) is not None for gid in must_fail), f"no test caught '{name}': {summary(outcomes)}"
 
     @pytest.mark.parametrize("name", list(correct_variants or {}))

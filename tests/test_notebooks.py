@@ -6,7 +6,8 @@ import sys
 import nbformat
 import pytest
 
-from notebooks import (COURSE, ROOT, SOLUTIONS, cell_errors, execute, is_test_cell, nbgrader_meta, notebooks,
+from notebooks import (COURSE, ROOT, SOLUTIONS, REACHABLE_PROBE, cell_errors, execute, is_test_cell, nbgrader_meta,
+                       notebooks, reachable_reference,
                        graded_test_cells)
 
 SOLUTION_NBS = notebooks(SOLUTIONS)
@@ -21,8 +22,10 @@ def test_every_assignment_is_released():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SOLUTION_NBS, ids=ids)
-def test_solution_runs_top_to_bottom_and_passes_every_test(path):
-    nb = execute(path)
+def test_solution_runs_top_to_bottom_and_passes_every_test(path, executed_solution):
+    nb, _, seconds = executed_solution(path.parent.name)
+    print(f"{path.parent.name}: {seconds:.1f} s top to bottom")
+    assert not reachable_reference(nb), f"after the demonstrations, reference code is reachable: {reachable_reference(nb)}"
     for cell in nb.cells:
         assert not cell_errors(cell), f"{nbgrader_meta(cell).get('grade_id') or cell.get('id')}: {cell_errors(cell)}"
     assert graded_test_cells(nb), "a graded notebook needs graded test cells"
@@ -32,38 +35,16 @@ def test_solution_runs_top_to_bottom_and_passes_every_test(path):
         assert not stderr, f"{grade_id} writes to stderr, which nbgrader scores as a failure: {stderr}"
 
 
-# Run after a whole release notebook: what of the tests' reference code a student's next cell could call.
-REACHABLE_PROBE = """
-def _reachable(namespace):
-    import json, sys, types
-    reference, found = sys.modules.get("peftlab.reference"), []
-    if reference is not None:
-        oracles = {id(reference)} | {id(v) for v in vars(reference).values()
-                                     if getattr(v, "__module__", None) == reference.__name__}
-        for name, value in list(namespace.items()):
-            if id(value) in oracles:
-                found.append(name)
-            elif isinstance(value, types.ModuleType):
-                found += [f"{name}.{a}" for a, v in vars(value).items() if not a.startswith("_") and id(v) in oracles]
-    print("REACHABLE", json.dumps(found))
-
-
-_reachable(globals())
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RELEASE_NBS, ids=ids)
 def test_release_stubs_fail_every_graded_test(path):
     """...and, once every cell has run (tests included), no name in the notebook's namespace, nor a
-    public attribute of a module there, is the tests' reference code."""
-    nb = execute(path, allow_errors=True, extra_cells=[REACHABLE_PROBE])
+    public attribute of a module there, is the tests' reference code. The demonstrations are left out
+    here (they need the student's work, and the solution's run checks the same probe after them)."""
+    nb = execute(path, allow_errors=True, extra_cells=[REACHABLE_PROBE], skip_tags=("demo",))
     passing = [gid for gid, cell in graded_test_cells(nb).items() if not cell_errors(cell)]
     assert not passing, f"graded tests that pass without the student's work: {passing}"
-    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o["output_type"] == "stream")
-    assert "REACHABLE" in printed, nb.cells[-1].outputs
-    reachable = json.loads(printed.split("REACHABLE", 1)[1])
-    assert not reachable, f"the tests' reference code is in the student's namespace: {reachable}"
+    assert not reachable_reference(nb), f"the tests' reference code is in the student's namespace: {reachable_reference(nb)}"
 
 
 @pytest.mark.slow

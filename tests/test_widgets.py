@@ -99,7 +99,16 @@ def test_widget_asks_for_the_function_before_it_exists():
     assert "Implement" in box.children[-2].value
 
 
-reference_lora_count = peft_lora_count  # what peft itself trains
+_PEFT_COUNTS: dict = {}
+
+
+def reference_lora_count(config, r, target_modules):
+    """What peft itself trains, remembered per model, rank and targets (the explorer asks for every
+    rank at each change, and peft builds a model each time)."""
+    key = (config.to_json_string(), r, tuple(target_modules))
+    if key not in _PEFT_COUNTS:
+        _PEFT_COUNTS[key] = peft_lora_count(config, r, target_modules)
+    return _PEFT_COUNTS[key]
 
 
 def test_family_configs_give_the_published_sizes():
@@ -151,7 +160,7 @@ def test_log_axes_are_labelled_in_plain_text(monkeypatch):
                       for ax in fig.axes for axis in (ax.xaxis, ax.yaxis) if axis.get_scale() == "log"])
 
     monkeypatch.setattr(plt, "show", show)
-    widgets.lora_explorer(peft_lora_count)
+    widgets.lora_explorer(reference_lora_count)
     assert drawn and len(drawn[-1]) == 4, "the LoRA explorer's two plots are on log-log axes"
     for labels in drawn[-1]:
         assert any(labels), "a log axis without any tick label"
@@ -168,7 +177,7 @@ def test_lora_explorer_plots_what_alpha_does(monkeypatch):
     curves = []
     monkeypatch.setattr(plt, "show", lambda *_, **__: curves.append(
         {line.get_label(): list(line.get_ydata()) for line in plt.gcf().axes[1].get_lines()}))
-    box = widgets.lora_explorer(peft_lora_count)
+    box = widgets.lora_explorer(reference_lora_count)
     model, rank, alpha = box.children[0].children[0].children
     alpha.value, rank.value = 16, 8
     before = curves[-1]["alpha / r (LoRA, peft default)"]
