@@ -8,9 +8,16 @@ What does not: any solution to a graded exercise. The notebooks are where studen
 """
 
 import logging
+import sys
 import warnings
 
-from peftlab.env import in_colab, print_versions
+from peftlab.env import fit_threads, in_colab, print_versions
+
+# In a notebook's kernel, torch gets the cores that other work leaves free (see `fit_threads`): on a
+# busy machine, more threads than free cores makes torch many times slower. Scripts and the grader
+# (which sets OMP_NUM_THREADS for its kernels) choose for themselves.
+if "ipykernel" in sys.modules:
+    fit_threads()
 
 # transformers 5 warns about its own deprecated attribute whenever peft or a training loop touches
 # it. Nothing a learner can act on, and nbgrader gives zero points to a test cell that writes to
