@@ -476,12 +476,13 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         # Each kernel's torch threads: the cores other work leaves free now, shared by the workers. More
         # threads than free cores makes torch's OpenMP wait a scheduler slice at every operation, which
         # a busy grader pays in CPU time too (notebook 03: 10 min instead of 51 s, see peftlab.env).
-        from peftlab.env import free_cores
+        from peftlab.env import free_cores, usable_cores
 
-        free = free_cores()
-        if free < (os.cpu_count() or 1):
-            run_notes.append(f"{(os.cpu_count() or 1) - free} of {os.cpu_count()} cores were busy with other work "
-                             f"when grading started: kernels run {max(1, free // max(workers, 1))} thread(s) each")
+        free, cores = free_cores(), usable_cores()
+        threads = max(1, free // max(workers, 1))
+        if free < cores:
+            run_notes.append(f"{cores - free} of {cores} cores were busy with other work when grading started: "
+                             f"kernels run {threads} thread(s) each")
         jobs, executed, by_job = [], {}, {}
         for sub in submissions:
             source, release = sources[sub.assignment]
@@ -514,7 +515,7 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                    "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout,
                    "memory_mb": int(memory_gb * 1024), "sandbox": use_sandbox, "expose": list(expose or []),
                    "max_procs": max_procs, "student_names": prep.student_names(source),
-                   "threads": max(1, free // max(workers, 1))}
+                   "threads": threads}
             jobs.append(job)
             by_job[job["folder"]] = sub
 

@@ -68,13 +68,18 @@ def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
     return sum(fields) - idle, sum(fields), cpus
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def free_cores(sample_s: float = 0.1, ticks=cpu_ticks, sleep=time.sleep) -> int:
     """How many cores other work leaves this process now (at least 1): the machine's idle cores over
     ``sample_s`` seconds, at most the cores it may run on. Where /proc/stat cannot be read, all of those."""
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        available = os.cpu_count() or 1
+    available = usable_cores()
     try:
         busy0, total0, cpus = ticks()
         sleep(sample_s)
@@ -104,16 +109,11 @@ def fit_threads() -> int | None:
     global FITTED
     if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
+    import torch  # the setup cell imports it next anyway (`print_versions`)
+
     threads = free_cores()
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
-    else:  # read by torch's OpenMP when torch is imported; not importing torch here keeps this cheap
-        os.environ["OMP_NUM_THREADS"] = str(threads)
-    FITTED = {"threads": threads, "cores": cores}
+    torch.set_num_threads(threads)
+    FITTED = {"threads": threads, "cores": usable_cores()}
     return threads
 
 
