@@ -84,3 +84,37 @@ def test_gguf_file_is_found_without_importing_the_package():
     path = models.smollm2_gguf_path()
     assert path is not None and path.name == models.SMOLLM2_GGUF_FILE and path.stat().st_size > 50e6
     assert models.SMOLLM2_GGUF_PACKAGE not in sys.modules
+
+
+def test_processes_converting_at_once_wait_for_one_conversion(tmp_path, monkeypatch):
+    """Two notebooks (or test workers) that need SmolLM2 together: the second waits for the first's
+    conversion instead of converting again (a lock per cache; flock excludes across open files)."""
+    import threading
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    calls = []
+
+    def slow_conversion(gguf, target):
+        calls.append(gguf)
+        time.sleep(0.3)
+        target.mkdir()
+        (target / models._COMPLETE_MARKER).write_text("{}")
+        return target
+
+    monkeypatch.setattr(models, "_convert_gguf_unlocked", slow_conversion)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(models._convert_gguf(tmp_path / "x.gguf"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [tmp_path / "smollm2-135m-instruct"] * 2
+
+
+def test_the_gguf_memo_is_undone_after_the_conversion():
+    gguf = pytest.importorskip("gguf")
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with pytest.raises(RuntimeError), models._gguf_read_once():
+        assert gguf.GGUFReader is not reader and gguf.get_tensor_name_map is not name_map
+        raise RuntimeError("a conversion that fails")
+    assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
