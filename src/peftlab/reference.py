@@ -18,6 +18,7 @@ Anything a notebook legitimately needs outside its tests lives elsewhere (`peftl
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -26,6 +27,23 @@ from peftlab import hardware
 from peftlab.models import meta_model, param_count
 
 
+def _per_config(count):
+    """Remember a count by the config's content and the other arguments: the counts are pure, and
+    peft's injection on a meta model still takes about 0.25 s of Python per call (the tests call
+    them for several configs, the test suite's mutants for the same configs again)."""
+    done: dict = {}
+
+    @functools.wraps(count)
+    def remembered(config, *args):
+        key = (config.to_json_string(use_diff=False), *(tuple(a) if isinstance(a, (list, tuple, set)) else a for a in args))
+        if key not in done:
+            done[key] = count(config, *args)
+        return done[key]
+
+    return remembered
+
+
+@_per_config
 def real_param_count(config) -> int:
     """Parameters of a real LlamaForCausalLM built from ``config`` (meta device: shapes only, no memory);
     tied tables are counted once."""
@@ -77,6 +95,7 @@ def peft_lora_model(model, target_modules, r: int, lora_alpha: float, seed: int 
     return wrapped
 
 
+@_per_config
 def peft_lora_count(config, r: int, target_modules) -> int:
     """Trainable parameters of ``peft.get_peft_model`` with LoRA on a Llama of ``config`` (meta device)."""
     from peft import LoraConfig, get_peft_model
@@ -110,6 +129,7 @@ def peft_prompt_tuning(model, num_virtual_tokens: int, prompt: torch.Tensor | No
     return wrapped
 
 
+@_per_config
 def peft_prompt_count(config, num_virtual_tokens: int) -> int:
     """Trainable parameters of peft's prompt tuning on a Llama of ``config`` (meta device)."""
     from peft import PromptTuningConfig, get_peft_model
@@ -148,6 +168,7 @@ def peft_prefixes(peft_model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return keys, values
 
 
+@_per_config
 def peft_prefix_count(config, num_virtual_tokens: int) -> int:
     """Trainable parameters of peft's prefix tuning on a Llama of ``config`` (meta device)."""
     from peft import PrefixTuningConfig, get_peft_model
