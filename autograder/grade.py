@@ -476,10 +476,12 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         # Each kernel's torch threads: the cores other work leaves free now, shared by the workers. More
         # threads than free cores makes torch's OpenMP wait a scheduler slice at every operation, which
         # a busy grader pays in CPU time too (notebook 03: 10 min instead of 51 s, see peftlab.env).
-        from peftlab.env import free_cores, usable_cores
+        # An OMP_NUM_THREADS set for the grader caps them (other work on the machine is its own).
+        from peftlab.env import free_cores, thread_cap, usable_cores
 
         free, cores = free_cores(), usable_cores()
         threads = max(1, free // max(workers, 1))
+        threads = min(threads, thread_cap() or threads)
         if free < cores:
             run_notes.append(f"{cores - free} of {cores} cores were busy with other work when grading started: "
                              f"kernels run {threads} thread(s) each")

@@ -187,7 +187,7 @@ def run_all(page, wait_for: str | None = None, timeout: int = 180_000):
 def page_state(page) -> dict:
     """What a failed wait needs to be understood: the kernel's status, how many code cells ran, are
     running or did not run, any dialog shown, and the first error outputs."""
-    return page.evaluate("""() => {
+    return page.evaluate(r"""() => {
         const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')].map(p => p.textContent);
         const status = document.querySelector('.jp-Notebook-ExecutionIndicator');
         const dialog = document.querySelector('.jp-Dialog');

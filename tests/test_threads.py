@@ -83,3 +83,9 @@ def test_outside_a_kernel_nothing_is_changed():
     environ = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     assert subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True,
                           check=True).stdout.strip() == "None None"
+
+
+@pytest.mark.parametrize("value, cap", [("3", 3), ("1", 1), ("", None), ("0", None), ("-2", None), ("four", None)])
+def test_thread_cap_reads_a_positive_omp_num_threads(monkeypatch, value, cap):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert env.thread_cap() == cap

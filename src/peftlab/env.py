@@ -117,6 +117,15 @@ def fit_threads() -> int | None:
     return threads
 
 
+def thread_cap() -> int | None:
+    """The thread count set in ``OMP_NUM_THREADS`` (a positive integer), else None."""
+    try:
+        value = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def print_versions() -> None:
     """Print Python, the course's packages and the device, so a bug report has them."""
     where = "Google Colab" if in_colab() else platform.platform(terse=True)
