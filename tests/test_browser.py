@@ -157,30 +157,30 @@ def accept_kernel_choice(page, timeout: int) -> bool:
 
 
 def run_all(page, wait_for: str | None = None, timeout: int = 180_000):
-    for _ in range(2):
-        page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-        if not accept_kernel_choice(page, timeout=1_500):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(2):
+        for _ in range(2):
+            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+            page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+            if not accept_kernel_choice(page, timeout=1_500):
+                break
+        # In two of three suite runs on a loaded machine, the first notebook opened in a fresh JupyterLab
+        # ran none of its cells (kernel idle, no dialog): Run All is asked for again, once, with a warning.
+        try:
+            page.wait_for_function(r"""() => [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')]
+                                       .some(p => /\[(\*|\d+)\]/.test(p.textContent))""", timeout=20_000)
             break
+        except PlaywrightTimeout:
+            if attempt:
+                raise AssertionError(f"Run All ran no cell, twice: {page_state(page)}") from None
+            warnings.warn(f"Run All ran no cell within 20 s; asked again. Page state: {page_state(page)}", stacklevel=2)
     if wait_for:
         # Off-screen cells are not painted by JupyterLab, so wait for the element to exist, then show it.
-        from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
         try:
             page.wait_for_selector(wait_for, state="attached", timeout=timeout)
         except PlaywrightTimeout:
-            state = page_state(page)
-            if state["running"] or state["errors"] or not state["unexecuted"]:  # slow, broken, or ran without it
-                raise AssertionError(f"{wait_for} did not appear within {timeout / 1000:.0f} s: {state}") from None
-            # Once in a suite run of 500 tests the first notebook opened in a fresh JupyterLab ran none
-            # of its cells: Run All is asked for again, once, and the first attempt's state is reported.
-            warnings.warn(f"Run All did not run the notebook; asked again. Page state: {state}", stacklevel=2)
-            page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-            page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
-            try:
-                page.wait_for_selector(wait_for, state="attached", timeout=timeout)
-            except PlaywrightTimeout:
-                raise AssertionError(f"{wait_for} did not appear after two Run All: {page_state(page)}") from None
+            raise AssertionError(f"{wait_for} did not appear within {timeout / 1000:.0f} s: {page_state(page)}") from None
         page.locator(wait_for).first.scroll_into_view_if_needed()
 
 
