@@ -107,7 +107,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_session(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for all workers: SmolLM2 converts once (30 s)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache for all workers: SmolLM2 converts once (10 s)
         cache = tmp_path_factory.getbasetemp().parent / "peftlab-cache"
         cache.mkdir(exist_ok=True)
     else:
