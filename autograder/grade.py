@@ -434,7 +434,7 @@ def _progress(total: int):
 def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell_timeout: int = 120,
           notebook_timeout: int = 900, memory_gb: float = 4.0, use_sandbox: bool = True,
           progress: bool = True, expose: list[str] | None = None, max_procs: int = 64,
-          scheduler: str | None = None) -> list[Submission]:
+          scheduler: str | None = None, warm: bool = True) -> list[Submission]:
     root = course_root()
     names = assignments(root)
     if only:
@@ -517,7 +517,7 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                    "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout,
                    "memory_mb": int(memory_gb * 1024), "sandbox": use_sandbox, "expose": list(expose or []),
                    "max_procs": max_procs, "student_names": prep.student_names(source),
-                   "threads": threads}
+                   "threads": threads, "warm": warm}
             jobs.append(job)
             by_job[job["folder"]] = sub
 
@@ -683,10 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--scheduler", help="run the kernels on a Dask cluster: its scheduler's address "
                                             "(tcp://host:8786), or local:N for a LocalCluster of N workers")
+    parser.add_argument("--cold-kernels", action="store_true",
+                        help="start every kernel as a new interpreter, not forked from a warm one (slower)")
     args = parser.parse_args(argv)
     grade(args.submissions, workers=args.workers, only=args.assignment, cell_timeout=args.cell_timeout,
           notebook_timeout=args.notebook_timeout, memory_gb=args.memory_gb, use_sandbox=not args.no_sandbox,
-          progress=not args.quiet, expose=args.expose, max_procs=args.max_procs, scheduler=args.scheduler)
+          progress=not args.quiet, expose=args.expose, max_procs=args.max_procs, scheduler=args.scheduler,
+          warm=not args.cold_kernels)
     return 0
 
 

@@ -10,6 +10,7 @@ reports are only text for `peftlab.probe.read_report` to check.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -115,10 +116,10 @@ class Kernel:
     """A sandboxed ipykernel for one submission; ``folder`` is the job's private folder."""
 
     def __init__(self, folder: Path, limits: Limits, *, use_sandbox: bool, expose: list[str] = (),
-                 threads: int = 1):
+                 threads: int = 1, warm: bool = False):
         self.folder, self.limits, self.use_sandbox = folder, limits, use_sandbox
-        self.expose, self.threads = list(expose), threads
-        self.km = self.kc = None
+        self.expose, self.threads, self.warm = list(expose), threads, warm
+        self.km = self.kc = self.process = self._context = None
         self.dead: str | None = None     # why the kernel can no longer be used
         self.killed: str | None = None   # set by the watcher
         self.flags: list[str] = []
@@ -172,24 +173,43 @@ class Kernel:
         return str(self.folder / "kernels"), env, f"{home}/work"
 
     def start(self, timeout: float = 120) -> None:
-        from jupyter_client.kernelspec import KernelSpecManager
-        from jupyter_client.manager import KernelManager
-
+        """Start the kernel: forked from this worker's `Zygote` when there is one (``warm``), else a
+        fresh interpreter started by jupyter_client. Both run the same sandbox and limits."""
         import zmq
 
         kernel_dirs, env, cwd = self._spec()
         runtime = self.folder / "runtime"
         context = zmq.Context()
         context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))  # a bigger message drops the peer
-        self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=context,
-                                connection_file=str(runtime / "connection.json"),
-                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
-        self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        self.pid = self.km.provisioner.process.pid
+        connection = str(runtime / "connection.json")
+        zygote = zygote_for(env) if self.warm else None
+        if zygote is not None:
+            from jupyter_client.blocking import BlockingKernelClient
+            from jupyter_client.connect import write_connection_file
+
+            write_connection_file(connection, transport="ipc", ip=str(runtime / "k"))
+            argv = json.loads((Path(kernel_dirs) / "peftlab-grader" / "kernel.json").read_text())["argv"]
+            argv = [connection if a == "{connection_file}" else a for a in argv]
+            self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # after "python sandbox.py"
+            self.pid = self.process.pid
+            # Its own context, as `KernelManager.client()` gives a cold kernel's client (it does not pass
+            # the manager's): the same message sizes pass both ways.
+            self.kc = BlockingKernelClient(connection_file=connection)
+            self.kc.load_connection_file()
+        else:
+            from jupyter_client.kernelspec import KernelSpecManager
+            from jupyter_client.manager import KernelManager
+
+            self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=context,
+                                    connection_file=connection, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
+            self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            self.pid = self.km.provisioner.process.pid
+            self.kc = self.km.client()
+        self.warm = zygote is not None
+        self._context = context
         self._watcher = threading.Thread(target=self._watch, daemon=True)
         self._watcher.start()
-        self.kc = self.km.client()
         self.kc.start_channels()
         try:
             self.kc.wait_for_ready(timeout=timeout)
@@ -212,11 +232,28 @@ class Kernel:
             os.killpg(self.pid, signal.SIGKILL)
         except (OSError, AttributeError):
             pass
+        if self.process is not None:
+            self.process.close()
         try:
-            if self.km is not None:
-                self.km.context.destroy(linger=0)
+            if self._context is not None:
+                self._context.destroy(linger=0)
         except Exception:  # noqa: BLE001
             pass
+
+    def interrupt(self) -> None:
+        """SIGINT to the kernel's process group (its launcher and setup ignore it), as jupyter_client does."""
+        try:
+            if self.km is not None:
+                self.km.interrupt_kernel()
+            else:
+                os.killpg(self.pid, signal.SIGINT)
+        except Exception:  # noqa: BLE001 - it may be gone already
+            pass
+
+    def alive(self) -> bool:
+        if self.km is not None:
+            return self.km.is_alive()
+        return self.process is not None and self.process.alive()
 
     # -- the watcher ----------------------------------------------------------------------------
 
@@ -247,10 +284,7 @@ class Kernel:
             if self._cell_running and sum(c for _, _, c in tree) - self._cell_start_cpu > self.limits.cell_cpu_seconds:
                 self._cell_running = False
                 self._over_time = True
-                try:
-                    self.km.interrupt_kernel()
-                except Exception:  # noqa: BLE001
-                    pass
+                self.interrupt()
 
     def _kill(self, reason: str) -> None:
         self.killed = reason
@@ -283,10 +317,7 @@ class Kernel:
             if interrupted_at is None and (self._over_time or now > deadline):
                 interrupted_at = now
                 if now > deadline:
-                    try:
-                        self.km.interrupt_kernel()
-                    except Exception:  # noqa: BLE001
-                        pass
+                    self.interrupt()
             if interrupted_at is not None and now - interrupted_at > 15:
                 self.dead = "the kernel stopped answering after a time limit"
                 self._kill(self.dead)
@@ -294,7 +325,7 @@ class Kernel:
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.5)
             except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
-                if not self.km.is_alive():
+                if not self.alive():
                     self.dead = "the kernel died"
                     break
                 continue
@@ -425,3 +456,141 @@ def _python_paths() -> list[str]:
     if _PY_PATHS is None:
         _PY_PATHS = sandbox.python_paths(sys.executable)
     return list(_PY_PATHS)
+
+
+# -- warm starts -----------------------------------------------------------------------------------
+
+
+class WarmProcess:
+    """A kernel's launcher forked by the `Zygote`: its pid, and whether it still runs."""
+
+    def __init__(self, conn, timeout: float = 60):
+        self.conn, self.exit_code = conn, None
+        self._buffer = b""
+        conn.settimeout(timeout)
+        while b"\n" not in self._buffer:
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise RuntimeError("the zygote closed the connection before the fork")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        if not line.startswith(b"PID "):
+            raise RuntimeError(f"unexpected answer from the zygote: {line[:80]!r}")
+        self.pid = int(line[4:])
+        conn.setblocking(False)
+
+    def alive(self) -> bool:
+        if self.exit_code is None and self.conn is not None:
+            try:
+                chunk = self.conn.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                chunk = b""
+            self._buffer += chunk
+            if chunk and b"\n" not in self._buffer:
+                return True
+            line = self._buffer.partition(b"\n")[0]
+            self.exit_code = int(line[5:]) if line.startswith(b"EXIT ") else -1
+        return self.exit_code is None
+
+    def close(self) -> None:
+        """After the kernel's process group was killed: it no longer runs."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.exit_code is None:
+            self.exit_code = -signal.SIGKILL
+
+
+class Zygote:
+    """A `autograder.zygote` process for one kernel environment: the course's libraries imported
+    once; `spawn` forks a sandboxed kernel from it. Started with the kernel's own environment (paths
+    that libraries read at import, such as HOME's, are the kernel's), except a private matplotlib
+    folder for the font list it builds once."""
+
+    def __init__(self, env: dict, timeout: float = 180):
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="peftlab-zygote-"))  # 0700: only the grader's user
+        self.socket = str(self.folder / "zygote.sock")
+        # One thread: torch started with OMP_NUM_THREADS > 1 starts OpenMP's pool at import, and a fork
+        # must not copy threads. Each kernel sets its own count (`autograder.zygote._launch`).
+        zenv = {**env, "MPLCONFIGDIR": str(self.folder / "mpl"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        zenv.pop("JUPYTER_RUNTIME_DIR", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "autograder.zygote", self.socket], cwd=ROOT,
+                                     env=zenv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        ready: list = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = ready[0].decode(errors="replace") if ready else ""
+        if not line.startswith("READY"):
+            self.close()
+            raise RuntimeError(f"the zygote did not start: {line.strip()[:200] or 'no answer'}")
+        self.missing = json.loads(line[6:] or "[]")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def spawn(self, argv: list[str], env: dict, cwd: str) -> WarmProcess:
+        import socket
+
+        conn = socket.socket(socket.AF_UNIX)
+        conn.settimeout(30)
+        conn.connect(self.socket)
+        env = {**env, "JPY_PARENT_PID": str(os.getpid())}  # as jupyter_client sets it for a cold kernel
+        conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n")
+        return WarmProcess(conn)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+PER_KERNEL = ("JUPYTER_RUNTIME_DIR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # set by each kernel, not its zygote
+_ZYGOTES: dict[str, Zygote] = {}
+_FAILED: set[str] = set()  # environments whose zygote did not start: their kernels start cold
+
+
+def zygote_for(env: dict) -> Zygote | None:
+    """This process's zygote for kernels with ``env`` (one at a time: another environment replaces
+    it), started on first use; None where warm starts are unavailable (no fork, or it failed to start,
+    in which case the kernel starts cold)."""
+    if not hasattr(os, "fork") or not sys.platform.startswith("linux"):
+        return None
+    key = json.dumps({k: v for k, v in sorted(env.items()) if k not in PER_KERNEL})
+    zygote = _ZYGOTES.get(key)
+    if key in _FAILED:
+        return None
+    if zygote is not None and zygote.alive():
+        return zygote
+    for old in _ZYGOTES.values():
+        old.close()
+    _ZYGOTES.clear()
+    try:
+        _ZYGOTES[key] = Zygote(env)
+    except (OSError, RuntimeError):
+        _FAILED.add(key)
+        return None
+    return _ZYGOTES[key]
+
+
+def close_zygotes() -> None:
+    for zygote in _ZYGOTES.values():
+        zygote.close()
+    _ZYGOTES.clear()
+
+
+atexit.register(close_zygotes)

@@ -175,7 +175,22 @@ def _map_own_ids(uid: int, gid: int) -> None:
     _write("/proc/self/gid_map", f"0 {gid} 1")
 
 
-def _kernel(args, command: list[str], drop: bool) -> None:
+def _exec(command: list[str], run) -> None:
+    """Become ``command``: exec it, or with ``run`` (a warm start, `autograder.zygote`) call
+    ``run(command)`` in this process instead and exit."""
+    if run is None:
+        os.execvp(command[0], command)
+    code = 0
+    try:
+        run(command)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        code = 1
+    os._exit(code)
+
+
+def _kernel(args, command: list[str], drop: bool, run=None) -> None:
     """PID 1 of the new PID namespace: enter the new root, drop privileges, lock, limit, exec."""
     root = args.root
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -206,10 +221,10 @@ def _kernel(args, command: list[str], drop: bool) -> None:
     os.chdir(args.cwd)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the id changes, which clear it
-    os.execvp(command[0], command)
+    _exec(command, run)
 
 
-def _setup(args, command: list[str], ready_w: int, go_r: int) -> int:
+def _setup(args, command: list[str], ready_w: int, go_r: int, run=None) -> int:
     """The setup process: new namespaces, id maps (from the launcher when it is root), the new root."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     uid, gid = os.getuid(), os.getgid()
@@ -228,7 +243,7 @@ def _setup(args, command: list[str], ready_w: int, go_r: int) -> int:
     pid = os.fork()
     if pid == 0:
         try:
-            _kernel(args, command, drop)
+            _kernel(args, command, drop, run)
         except BaseException as exc:  # noqa: BLE001 - report and leave the child, whatever happened
             print(f"sandbox: {exc}", file=sys.stderr, flush=True)
         os._exit(127)
@@ -245,7 +260,8 @@ def _wait(pid: int) -> int:
             continue
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, run=None) -> int:
+    """The launcher. ``run``: a callable that stands in for exec'ing the command (see `_exec`)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", help="an empty folder to build the new root on")
     parser.add_argument("--ro", action="append", default=[], help="a path to show read-only (repeatable)")
@@ -267,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory_mb:
             resource.setrlimit(resource.RLIMIT_AS, (args.memory_mb << 20, args.memory_mb << 20))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.execvp(command[0], command)
+        _exec(command, run)
     if SYS_PIVOT_ROOT is None or not args.root:
         parser.error("the sandbox needs --root and an x86-64 or arm64 Linux")
     outside = OUTSIDE_BASE + os.getpid()
@@ -281,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         os.close(go_w)
         code = 127
         try:
-            code = _setup(args, command, ready_w, go_r)
+            code = _setup(args, command, ready_w, go_r, run)
         except BaseException as exc:  # noqa: BLE001
             print(f"sandbox: {exc}", file=sys.stderr, flush=True)
         os._exit(code)
