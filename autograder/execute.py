@@ -275,6 +275,7 @@ class Session:
             verdict = self.judge.verdicts.get(grade_id) or Verdict(False, "NotRun", "not run: the grader stopped early")
             cell.outputs = _verdict_outputs(verdict, printed.get(index, ""))
         self.flags += self.judge.flags
+        self.notes += self.kernel.notes
         if self.kernel.dead and not stopped:
             self.flags.append(self.kernel.dead)
         _cap_notebook(nb, self.notes)

@@ -119,10 +119,10 @@ class Kernel:
                  threads: int = 1, warm: bool = False):
         self.folder, self.limits, self.use_sandbox = folder, limits, use_sandbox
         self.expose, self.threads, self.warm = list(expose), threads, warm
-        self.km = self.kc = self.process = self._context = None
+        self.km = self.kc = self.process = self._context = self.pid = None
         self.dead: str | None = None     # why the kernel can no longer be used
         self.killed: str | None = None   # set by the watcher
-        self.flags: list[str] = []
+        self.notes: list[str] = []       # for the report: what the grader did differently (a cold start)
         self._stop = threading.Event()
         self._cell_start_cpu = 0.0
         self._cell_running = False
@@ -174,50 +174,93 @@ class Kernel:
 
     def start(self, timeout: float = 120) -> None:
         """Start the kernel: forked from this worker's `Zygote` when there is one (``warm``), else a
-        fresh interpreter started by jupyter_client. Both run the same sandbox and limits."""
+        fresh interpreter started by jupyter_client. Both run the same sandbox and limits. A warm start
+        that fails for any reason (the zygote gone, a fork refused, a child that died before its kernel
+        answered) costs a cold start, noted in `notes`, never the submission."""
+        kernel_dirs, env, cwd = self._spec()
+        zygote = zygote_for(env) if self.warm else None
+        self.warm = False
+        if zygote is not None:
+            try:
+                self._start_warm(zygote, kernel_dirs, env, cwd, timeout)
+                self.warm = True
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure here falls back to the cold start
+                self.notes.append(f"the warm kernel did not start ({type(exc).__name__}: {str(exc)[:200]}): started cold")
+                self._discard()
+        self._start_cold(kernel_dirs, env, cwd, timeout)
+
+    def _context_for(self):
         import zmq
 
-        kernel_dirs, env, cwd = self._spec()
-        runtime = self.folder / "runtime"
         context = zmq.Context()
         context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))  # a bigger message drops the peer
+        return context
+
+    def _start_warm(self, zygote: "Zygote", kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
+        from jupyter_client.blocking import BlockingKernelClient
+        from jupyter_client.connect import write_connection_file
+
+        runtime = self.folder / "runtime"
         connection = str(runtime / "connection.json")
-        zygote = zygote_for(env) if self.warm else None
-        if zygote is not None:
-            from jupyter_client.blocking import BlockingKernelClient
-            from jupyter_client.connect import write_connection_file
+        write_connection_file(connection, transport="ipc", ip=str(runtime / "k"))
+        argv = json.loads((Path(kernel_dirs) / "peftlab-grader" / "kernel.json").read_text())["argv"]
+        argv = [connection if a == "{connection_file}" else a for a in argv]
+        self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # after "python sandbox.py"
+        self.pid = self.process.pid
+        # Its own context, as `KernelManager.client()` gives a cold kernel's client (it does not pass
+        # the manager's): the same message sizes pass both ways.
+        self.kc = BlockingKernelClient(connection_file=connection)
+        self.kc.load_connection_file()
+        self._ready(timeout)
 
-            write_connection_file(connection, transport="ipc", ip=str(runtime / "k"))
-            argv = json.loads((Path(kernel_dirs) / "peftlab-grader" / "kernel.json").read_text())["argv"]
-            argv = [connection if a == "{connection_file}" else a for a in argv]
-            self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # after "python sandbox.py"
-            self.pid = self.process.pid
-            # Its own context, as `KernelManager.client()` gives a cold kernel's client (it does not pass
-            # the manager's): the same message sizes pass both ways.
-            self.kc = BlockingKernelClient(connection_file=connection)
-            self.kc.load_connection_file()
-        else:
-            from jupyter_client.kernelspec import KernelSpecManager
-            from jupyter_client.manager import KernelManager
+    def _start_cold(self, kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
+        from jupyter_client.kernelspec import KernelSpecManager
+        from jupyter_client.manager import KernelManager
 
-            self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=context,
-                                    connection_file=connection, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
-            self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-            self.pid = self.km.provisioner.process.pid
-            self.kc = self.km.client()
-        self.warm = zygote is not None
-        self._context = context
-        self._watcher = threading.Thread(target=self._watch, daemon=True)
+        runtime = self.folder / "runtime"
+        self._context = self._context_for()
+        self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=self._context,
+                                connection_file=str(runtime / "connection.json"),
+                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
+        self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        self.pid = self.km.provisioner.process.pid
+        self.kc = self.km.client()
+        self._ready(timeout)
+
+    def _ready(self, timeout: float) -> None:
+        """Watch the kernel's processes and wait for its first answer; a kernel that dies meanwhile
+        fails at once (not after ``timeout``)."""
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, args=(self._stop,), daemon=True)
         self._watcher.start()
         self.kc.start_channels()
-        try:
-            self.kc.wait_for_ready(timeout=timeout)
-        except RuntimeError as exc:
-            self.dead = f"the kernel did not start ({exc})"
-            raise
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.kc.wait_for_ready(timeout=max(1.0, min(5.0, deadline - time.monotonic())))
+                break
+            except RuntimeError as exc:
+                if not self.alive() or self.killed:
+                    self.dead = f"the kernel died before it answered ({self.killed or 'its process ended'})"
+                    raise RuntimeError(self.dead) from None
+                if time.monotonic() >= deadline:
+                    self.dead = f"the kernel did not start ({exc})"
+                    raise
         if self.use_sandbox:  # its sockets exist: from now on nothing can be written there (it is not the owner)
-            runtime.chmod(0o555)
+            (self.folder / "runtime").chmod(0o555)
+
+    def _discard(self) -> None:
+        """After a failed warm start: stop what it left (its processes, client and sockets)."""
+        self.shutdown()
+        self.km = self.kc = self.process = self._context = self.pid = None
+        self.dead = self.killed = None
+        self.peak_bytes = 0
+        runtime = self.folder / "runtime"
+        for path in runtime.iterdir() if runtime.is_dir() else ():
+            if path.is_file() or path.is_socket():
+                path.unlink(missing_ok=True)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -229,8 +272,9 @@ class Kernel:
         except Exception:  # noqa: BLE001 - it may be gone already
             pass
         try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (OSError, AttributeError):
+            if self.pid is not None:
+                os.killpg(self.pid, signal.SIGKILL)
+        except OSError:
             pass
         if self.process is not None:
             self.process.close()
@@ -260,9 +304,9 @@ class Kernel:
     def tree_cpu(self) -> float:
         return sum(cpu for _, _, cpu in _tree(self.pid))
 
-    def _watch(self) -> None:
+    def _watch(self, stop: threading.Event) -> None:
         limit = self.limits.memory_mb << 20
-        while not self._stop.wait(0.2):
+        while not stop.wait(0.2):
             tree = _tree(self.pid)
             if not tree:
                 return
@@ -289,7 +333,8 @@ class Kernel:
     def _kill(self, reason: str) -> None:
         self.killed = reason
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            if self.pid is not None:
+                os.killpg(self.pid, signal.SIGKILL)
         except OSError:
             pass
 
@@ -474,6 +519,8 @@ class WarmProcess:
                 raise RuntimeError("the zygote closed the connection before the fork")
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
+        if line.startswith(b"FAILED "):
+            raise RuntimeError(f"the zygote could not fork ({line[7:200].decode(errors='replace')})")
         if not line.startswith(b"PID "):
             raise RuntimeError(f"unexpected answer from the zygote: {line[:80]!r}")
         self.pid = int(line[4:])
@@ -514,6 +561,7 @@ class Zygote:
 
         self.folder = Path(tempfile.mkdtemp(prefix="peftlab-zygote-"))  # 0700: only the grader's user
         self.socket = str(self.folder / "zygote.sock")
+        self.broken = False
         # One thread: torch started with OMP_NUM_THREADS > 1 starts OpenMP's pool at import, and a fork
         # must not copy threads. Each kernel sets its own count (`autograder.zygote._launch`).
         zenv = {**env, "MPLCONFIGDIR": str(self.folder / "mpl"), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -532,7 +580,7 @@ class Zygote:
         self.missing = json.loads(line[6:] or "[]")
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and not self.broken
 
     def spawn(self, argv: list[str], env: dict, cwd: str) -> WarmProcess:
         import socket
@@ -541,8 +589,14 @@ class Zygote:
         conn.settimeout(30)
         conn.connect(self.socket)
         env = {**env, "JPY_PARENT_PID": str(os.getpid())}  # as jupyter_client sets it for a cold kernel
-        conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n")
-        return WarmProcess(conn)
+        try:
+            conn.sendall(json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode() + b"\n")
+            return WarmProcess(conn)
+        except Exception as exc:
+            conn.close()
+            if "threads=" in str(exc):  # it will not fork again: the next kernel gets a new zygote
+                self.broken = True
+            raise
 
     def close(self) -> None:
         try:

@@ -14,6 +14,8 @@ What a kernel inherits is this process's memory, so it holds nothing a student m
 
 - only public libraries and the student-facing helper modules are imported (`PRELOAD`); the tests'
   reference code and the grader's judge never are (`NEVER`, checked before the first fork);
+- modules that set themselves up for a running shell when imported (`AFTER_SHELL`: ipywidgets'
+  comm targets) do it again in each kernel once its shell exists;
 - it never reads a request: each child reads its own, so no kernel can find another student's name,
   folder or job in its memory;
 - it runs no computation (no thread pool is started: it forks only while it has a single thread),
@@ -37,14 +39,22 @@ import sys
 from autograder import sandbox
 
 # What the notebooks import (their imports cells), public code only. A module missing here is simply
-# imported by the kernel itself, as a cold kernel does.
-PRELOAD = ("torch", "transformers", "transformers.models.llama.modeling_llama", "peft", "bitsandbytes",
-           "bitsandbytes.functional", "safetensors.torch", "matplotlib", "matplotlib.pyplot", "ipywidgets",
-           "IPython.display", "ipykernel.kernelapp", "peftlab.checks", "peftlab.hardware", "peftlab.models",
-           "peftlab.plots", "peftlab.probe", "peftlab.quant", "peftlab.task", "peftlab.training", "peftlab.widgets")
+# imported by the kernel itself, as a cold kernel does. ipykernel comes first: libraries look at which
+# of its modules are loaded when they are imported (tqdm.auto picks its notebook bars that way), and
+# in a cold kernel they always are.
+PRELOAD = ("ipykernel.kernelapp", "ipykernel.zmqshell", "torch", "transformers",
+           "transformers.models.llama.modeling_llama", "peft", "bitsandbytes", "bitsandbytes.functional",
+           "safetensors.torch", "matplotlib", "matplotlib.pyplot", "IPython.display", "peftlab.hardware",
+           "peftlab.models", "peftlab.plots", "peftlab.probe", "peftlab.quant", "peftlab.task", "peftlab.training")
 # Never in a kernel's memory: the tests' reference code (hidden in the sandbox), the grader's own code.
 NEVER = ("peftlab.reference", "autograder.judge", "autograder.oracles", "autograder.execute", "autograder.grade",
          "autograder.kernel", "nbgrader")
+# Modules that set themselves up for the running shell when they are imported, and the function that
+# does it. Imported here (ipywidgets comes with transformers, for tqdm's notebook bars) they find no
+# shell, so each kernel runs that function once its shell exists (`_after_shell`), as a cold kernel's
+# import would have. `tests/test_zygote.py` fails when a preloaded module asks for the shell and is not
+# here. peftlab.checks and peftlab.widgets are not preloaded at all: each kernel imports them itself.
+AFTER_SHELL = {"ipywidgets": "_handle_ipython", "peftlab.checks": "_watch"}
 MAX_REQUEST = 1 << 20
 
 
@@ -105,6 +115,8 @@ def _launch(command: list[str]) -> None:
     connection = command[command.index("-f") + 1]
     sys.argv = [command[0], "-f", connection]
     sys.path[:] = [os.getcwd()] + BASE_PATH  # as the interpreter starts `-m`: the launcher removes it again
+    sys.path_importer_cache.clear()  # the folders' listings cached by the zygote's imports: found again
+    importlib.invalidate_caches()
     random.seed()
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
@@ -117,9 +129,35 @@ def _launch(command: list[str]) -> None:
                 setattr(matplotlib, name, matplotlib._logged_cached(log, found.__wrapped__))
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
+    _after_shell()
     for name in [m for m in sys.modules if m == "autograder" or m.startswith("autograder.")]:
         del sys.modules[name]  # as in a cold kernel (this code keeps what it uses)
     runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
+
+
+def _answer(conn: socket.socket, line: str) -> None:
+    try:
+        conn.sendall(line.encode() + b"\n")
+    except OSError:
+        pass
+
+
+def _after_shell() -> None:
+    """Have the kernel's app, once it has made the shell, run `AFTER_SHELL`'s set-ups; the app's class
+    is restored at its first call, so the student's kernel sees ipykernel's own method."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    original = IPKernelApp.__dict__["init_shell"]
+
+    def init_shell(app):
+        IPKernelApp.init_shell = original
+        original(app)
+        for name, setup in AFTER_SHELL.items():
+            module = sys.modules.get(name)
+            if module is not None and callable(getattr(module, setup, None)):
+                getattr(module, setup)()
+
+    IPKernelApp.init_shell = init_shell
 
 
 def _child(conn: socket.socket, listener: socket.socket) -> int:
@@ -148,6 +186,7 @@ def serve(path: str) -> int:
     before = dict(os.environ)
     missing = preload()
     IMPORT_ENV = {k: v for k, v in os.environ.items() if before.get(k) != v and k != "MPLCONFIGDIR"}
+    del before  # what a kernel inherits holds as little of this process as it can
     unsafe = unsafe_modules()
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
@@ -163,23 +202,30 @@ def serve(path: str) -> int:
         if sys.stdin in readable and not sys.stdin.buffer.read1(1):
             break  # the worker closed our stdin (or died): stop, which stops every kernel too
         if listener in readable:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
             if threads() != 1:  # a fork with other threads alive copies locks held mid-operation
+                _answer(conn, f"FAILED threads={threads()}")
                 conn.close()
                 continue
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError as exc:  # no memory or no process left for a fork: this kernel starts cold
+                _answer(conn, f"FAILED fork: {exc}")
+                conn.close()
+                continue
             if pid == 0:
                 code = 127
+                children.clear()  # other kernels' pids and connections (closed by the child anyway)
                 try:
                     code = _child(conn, listener)
                 except BaseException:  # noqa: BLE001 - the grader sees the exit code
                     pass
                 os._exit(code)
             children[pid] = conn
-            try:
-                conn.sendall(f"PID {pid}\n".encode())
-            except OSError:
-                pass
+            _answer(conn, f"PID {pid}")
         while children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -189,10 +235,7 @@ def serve(path: str) -> int:
                 break
             conn = children.pop(pid, None)
             if conn is not None:
-                try:
-                    conn.sendall(f"EXIT {os.waitstatus_to_exitcode(status)}\n".encode())
-                except OSError:
-                    pass
+                _answer(conn, f"EXIT {os.waitstatus_to_exitcode(status)}")
                 conn.close()
     for pid in children:
         try:

@@ -33,7 +33,13 @@ print(_json.dumps({
     "grader_modules": sorted(m for m in _sys.modules if m.split(".")[0] in ("autograder", "nbgrader") or m == "peftlab.reference"),
     "threads": __import__("torch").get_num_threads(), "pid1": _os.getpid() == 1 or not _os.path.exists("/proc/1/cmdline"),
     "mpl_config": __import__("matplotlib").get_configdir(),
-    "prompt": get_ipython().execution_count}))
+    "prompt": get_ipython().execution_count,
+    # what libraries set up for the running shell when they are imported
+    "events": {e: sorted(f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', '?')}" for f in fs)
+               for e, fs in get_ipython().events.callbacks.items()},
+    "comm_targets": sorted(__import__("comm").get_comm_manager().targets),
+    "tqdm_auto": [c.__module__ for c in __import__("tqdm.auto").auto.tqdm.__mro__],
+    "mpl_repl_hook": str(__import__("matplotlib.pyplot").pyplot._REPL_DISPLAYHOOK)}))
 '''
 
 
@@ -67,6 +73,7 @@ def test_a_warm_kernel_looks_like_a_cold_one_and_starts_in_a_second(tmp_path, fr
             clock = time.monotonic()
             assert kernel.run("import torch, matplotlib.pyplot\nfrom transformers import LlamaForCausalLM").status == "ok"
             timing[name] = time.monotonic() - clock
+            assert kernel.run("import ipywidgets, tqdm.auto, peftlab.checks, peftlab.widgets").status == "ok"
             seen[name] = look(kernel)
         finally:
             kernel.shutdown()
@@ -140,7 +147,8 @@ def test_limits_stop_a_warm_kernel_and_the_next_one_starts_warm(tmp_path, fresh_
         assert spinner.run("print('still here')").status == "ok", "an interrupted kernel answers again"
     finally:
         spinner.shutdown()
-    hoarder = started(tmp_path, "hoard", warm=True, limits=limits)
+    # Its own CPU limit: touching 3 GB of fresh pages takes 1 to 6 s of CPU, machine by machine.
+    hoarder = started(tmp_path, "hoard", warm=True, limits=Limits(cell_cpu_seconds=60, cell_wall_seconds=120, memory_mb=3000))
     try:
         run = hoarder.run("import torch\nhoard = [torch.ones(2**25) for _ in range(100)]")  # 12.8 GB
         errors = [o.get("ename") for o in run.outputs if o.get("output_type") == "error"]
@@ -190,3 +198,73 @@ def test_without_a_zygote_kernels_start_cold(tmp_path, fresh_zygotes, monkeypatc
     finally:
         kernel.shutdown()
     assert zygote_for({"HOME": "/x"}) is None, "a failed environment is not tried again for every job"
+
+
+@pytest.mark.parametrize("failure", ["the spawn fails", "the child dies before its kernel answers"])
+def test_a_warm_start_that_fails_costs_a_cold_start_not_the_submission(tmp_path, fresh_zygotes, monkeypatch, failure):
+    original = kernel_module.Zygote.spawn
+
+    def spawn(self, argv, env, cwd):
+        if failure == "the spawn fails":
+            raise OSError(12, "Cannot allocate memory")
+        # The sandbox runs as asked, but what it launches has no connection file: the child exits.
+        return original(self, argv[:argv.index("--") + 1] + [sys.executable, "-m", "no_such_module"], env, cwd)
+
+    monkeypatch.setattr(kernel_module.Zygote, "spawn", spawn)
+    clock = time.monotonic()
+    kernel = started(tmp_path, "fallback", warm=True)
+    try:
+        assert not kernel.warm, "the kernel that runs is the cold one"
+        assert any("warm kernel did not start" in n and "started cold" in n for n in kernel.notes), kernel.notes
+        assert kernel.run("print(6 * 7)").status == "ok"
+        assert time.monotonic() - clock < 60, "a dead child is noticed at once, not after the 120 s start timeout"
+    finally:
+        kernel.shutdown()
+    assert not kernel.alive()
+
+
+def test_the_zygotes_answer_to_a_refused_fork_is_an_error_not_a_pid():
+    import socket
+
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.sendall(b"FAILED fork: [Errno 12] Cannot allocate memory\n")
+        with pytest.raises(RuntimeError, match="could not fork"):
+            kernel_module.WarmProcess(ours, timeout=5)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_whatever_the_preload_asks_of_the_shell_is_asked_again_in_each_kernel():
+    """A module that looks for the running shell when imported (ipywidgets registers its comm targets)
+    finds none in the zygote: each one that asks must be set up again after the kernel's shell exists
+    (`AFTER_SHELL`), or only read something that is the same without a shell (tqdm picks its notebook
+    bars from which of ipykernel's modules are loaded, and rules out only Qt and Spyder consoles)."""
+    code = r'''
+import importlib, json, sys, warnings
+import IPython.core.getipython as g
+asked = []
+def tracer(frame, event, arg):
+    if event == "call" and frame.f_code is g.get_ipython.__code__:
+        asked.append(frame.f_back.f_globals.get("__name__"))
+from autograder import zygote
+warnings.simplefilter("ignore")
+sys.setprofile(tracer)
+for name in zygote.PRELOAD:
+    importlib.import_module(name)
+sys.setprofile(None)
+print(json.dumps({"asked": sorted(set(asked)), "unsafe": zygote.unsafe_modules(),
+                  "tqdm": sys.modules["tqdm.auto"].tqdm.__mro__[1].__module__ if "tqdm.auto" in sys.modules else None}))
+'''
+    env = {**__import__("os").environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    from autograder.zygote import AFTER_SHELL
+
+    unexplained = [m for m in seen["asked"] if m not in AFTER_SHELL and m != "tqdm.autonotebook"]
+    assert not unexplained, f"preloaded modules ask for the shell at import and are not set up again: {unexplained}"
+    assert seen["unsafe"] == []
+    assert seen["tqdm"] in (None, "tqdm.notebook"), "transformers' progress bars are the notebook's, as in a cold kernel"
