@@ -29,10 +29,10 @@ SHARED_MODULES = {"test_autograder.py", "test_browser.py", "test_nbgrader_roundt
 # Checks of an executed solution notebook, by node id: the checks of one notebook share its run.
 SOLUTION_CHECKS = {"test_notebooks.py::test_solution_runs_top_to_bottom_and_passes_every_test": None,
                    "test_lab.py::test_notebook_runs_on_cpu_and_writes_every_figure": "07_gpu_lab"}
-# Seconds each group took in a one-process run on 2 cores (2026-12-02): the longest start first, so
-# no worker is left with a long group at the end. Other tests follow in file order.
-COST = {"test_autograder.py": 520, "test_browser.py": 180, "test_nbgrader_roundtrip.py": 150,
-        "solution-08_choosing_peft": 122, "solution-07_gpu_lab": 117, "test_cluster.py": 110,
+# Seconds each group took on 2 cores (the suite at c0e8dc5, warm kernels, 2026-12-02): the longest
+# start first, so no worker is left with a long group at the end. Other tests follow in file order.
+COST = {"test_autograder.py": 300, "solution-08_choosing_peft": 181, "test_browser.py": 180,
+        "test_nbgrader_roundtrip.py": 120, "solution-07_gpu_lab": 118, "test_cluster.py": 88,
         "solution-02_soft_prompts": 54, "solution-03_prefix_tuning": 54, "solution-04_lora": 51,
         "solution-06_qlora": 40, "test_lab.py": 30, "solution-05_quantization": 25, "solution-01_memory_math": 12}
 
