@@ -190,13 +190,6 @@ class Kernel:
                 self._discard()
         self._start_cold(kernel_dirs, env, cwd, timeout)
 
-    def _context_for(self):
-        import zmq
-
-        context = zmq.Context()
-        context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))  # a bigger message drops the peer
-        return context
-
     def _start_warm(self, zygote: "Zygote", kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
         from jupyter_client.blocking import BlockingKernelClient
         from jupyter_client.connect import write_connection_file
@@ -215,11 +208,13 @@ class Kernel:
         self._ready(timeout)
 
     def _start_cold(self, kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
+        import zmq
         from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import KernelManager
 
         runtime = self.folder / "runtime"
-        self._context = self._context_for()
+        self._context = zmq.Context()
+        self._context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))  # a bigger message drops the peer
         self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=self._context,
                                 connection_file=str(runtime / "connection.json"),
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
@@ -506,6 +501,14 @@ def _python_paths() -> list[str]:
 # -- warm starts -----------------------------------------------------------------------------------
 
 
+class ForkRefused(RuntimeError):
+    """The zygote's answer in place of a pid: why it did not fork (``threads=N`` or ``fork: ERROR``)."""
+
+    def __init__(self, answer: str):
+        super().__init__(f"the zygote could not fork ({answer})")
+        self.answer = answer
+
+
 class WarmProcess:
     """A kernel's launcher forked by the `Zygote`: its pid, and whether it still runs."""
 
@@ -520,7 +523,7 @@ class WarmProcess:
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         if line.startswith(b"FAILED "):
-            raise RuntimeError(f"the zygote could not fork ({line[7:200].decode(errors='replace')})")
+            raise ForkRefused(line[7:200].decode(errors="replace"))
         if not line.startswith(b"PID "):
             raise RuntimeError(f"unexpected answer from the zygote: {line[:80]!r}")
         self.pid = int(line[4:])
@@ -594,8 +597,8 @@ class Zygote:
             return WarmProcess(conn)
         except Exception as exc:
             conn.close()
-            if "threads=" in str(exc):  # it will not fork again: the next kernel gets a new zygote
-                self.broken = True
+            if isinstance(exc, ForkRefused) and exc.answer.startswith("threads="):
+                self.broken = True  # it will not fork again: the next kernel gets a new zygote
             raise
 
     def close(self) -> None:

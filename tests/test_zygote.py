@@ -147,7 +147,7 @@ def test_limits_stop_a_warm_kernel_and_the_next_one_starts_warm(tmp_path, fresh_
         assert spinner.run("print('still here')").status == "ok", "an interrupted kernel answers again"
     finally:
         spinner.shutdown()
-    # Its own CPU limit: touching 3 GB of fresh pages takes 1 to 6 s of CPU, machine by machine.
+    # Its own CPU limit: touching 2.4 GB of fresh pages took 5.4 s of CPU on this machine (2026-12-03).
     hoarder = started(tmp_path, "hoard", warm=True, limits=Limits(cell_cpu_seconds=60, cell_wall_seconds=120, memory_mb=3000))
     try:
         run = hoarder.run("import torch\nhoard = [torch.ones(2**25) for _ in range(100)]")  # 12.8 GB
@@ -229,8 +229,9 @@ def test_the_zygotes_answer_to_a_refused_fork_is_an_error_not_a_pid():
     ours, theirs = socket.socketpair()
     try:
         theirs.sendall(b"FAILED fork: [Errno 12] Cannot allocate memory\n")
-        with pytest.raises(RuntimeError, match="could not fork"):
+        with pytest.raises(RuntimeError, match="could not fork") as refused:
             kernel_module.WarmProcess(ours, timeout=5)
+        assert refused.value.answer.startswith("fork:")
     finally:
         ours.close()
         theirs.close()
