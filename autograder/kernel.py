@@ -199,7 +199,9 @@ class Kernel:
         write_connection_file(connection, transport="ipc", ip=str(runtime / "k"))
         argv = json.loads((Path(kernel_dirs) / "peftlab-grader" / "kernel.json").read_text())["argv"]
         argv = [connection if a == "{connection_file}" else a for a in argv]
-        self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # after "python sandbox.py"
+        if len(argv) < 3 or Path(argv[1]).name != "sandbox.py":  # the spec's launcher: python sandbox.py ARGS
+            raise RuntimeError(f"unexpected kernel command {argv[:2]}")
+        self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # the launcher's arguments
         self.pid = self.process.pid
         # Its own context, as `KernelManager.client()` gives a cold kernel's client (it does not pass
         # the manager's): the same message sizes pass both ways.
@@ -214,7 +216,9 @@ class Kernel:
 
         runtime = self.folder / "runtime"
         self._context = zmq.Context()
-        self._context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))  # a bigger message drops the peer
+        # Caps the manager's own sockets only: the client below (`km.client()`) makes its own context, so
+        # the kernel's messages to the grader are not capped (README, "What the sandbox and the limits rely on").
+        self._context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))
         self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=self._context,
                                 connection_file=str(runtime / "connection.json"),
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))

@@ -127,8 +127,10 @@ def _launch(command: list[str]) -> None:
             found = getattr(matplotlib, name)  # memoised by matplotlib._logged_cached: a fresh memo
             if hasattr(found, "__wrapped__") and hasattr(matplotlib, "_logged_cached"):
                 setattr(matplotlib, name, matplotlib._logged_cached(log, found.__wrapped__))
-    if "torch" in sys.modules:
+    if "torch" in sys.modules:  # its OpenMP pool and, in builds with MKL, MKL's: the kernel's count
         sys.modules["torch"].set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
+    # numpy's BLAS read its thread count at the zygote's import (one): a warm kernel's numpy matrix
+    # products use one thread, which only makes them slower; the graded work runs in torch.
     _after_shell()
     for name in [m for m in sys.modules if m == "autograder" or m.startswith("autograder.")]:
         del sys.modules[name]  # as in a cold kernel (this code keeps what it uses)
