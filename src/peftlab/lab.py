@@ -369,6 +369,18 @@ def _gather(value: float) -> list[float]:
     return [value]
 
 
+def _leave_process_group() -> None:
+    """End a distributed run together: every rank waits until the main one has evaluated and saved,
+    then each leaves the process group. A rank that simply exited while the group still existed could
+    abort in gloo's teardown ("terminate called without an active exception", SIGABRT), and the
+    launcher then killed the main rank mid-evaluation (seen once in the suite, 2026-12-04)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(config: LabConfig, progress: bool = True, make_training_arguments=None, quiet: bool = False) -> dict:
     """Train, measure and save; return (and write to ``results.json``) every figure.
     ``make_training_arguments(config, env)`` replaces `training_arguments`. ``results.json`` is written
@@ -643,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
                        n_test=args.n_test, seed=args.seed, output_dir=args.output_dir, merge_on=args.merge_on,
                        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing])
     results = run(config, progress=not args.quiet, quiet=args.quiet)
+    _leave_process_group()
     if int(os.environ.get("RANK", 0)) == 0:
         print(summary(results))
         print(f"results: {Path(config.output_dir) / 'results.json'}")
