@@ -53,9 +53,11 @@ def group_of(nodeid: str) -> str:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per usable core, at most `MAX_WORKERS`."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+    """``-n auto``: one worker per usable core (the affinity mask capped by a container's CPU quota),
+    at most `MAX_WORKERS`."""
+    from peftlab.env import usable_cores
+
+    return max(1, min(MAX_WORKERS, usable_cores()))
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -21,6 +21,42 @@ def ticks_of(*samples):
 @pytest.fixture()
 def two_cores(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(env, "cgroup_cpu_limit", lambda: None)  # the machine's own quota, if any, aside
+
+
+def cgroup_tree(tmp_path, files: dict[str, str], own: str = "0::/\n"):
+    """A fake /sys/fs/cgroup with ``files`` (relative path: content) and a /proc/self/cgroup."""
+    for name, content in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(content)
+    (tmp_path / "fs").mkdir(exist_ok=True)
+    (tmp_path / "self").write_text(own)
+    return {"root": str(tmp_path / "fs"), "own": str(tmp_path / "self")}
+
+
+@pytest.mark.parametrize("files, own, limit", [
+    ({"cpu.max": "200000 100000\n"}, "0::/\n", 2.0),                       # v2, docker run --cpus 2
+    ({"cpu.max": "max 100000\n"}, "0::/\n", None),                         # v2, no quota
+    ({"kubepods/pod1/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"},
+     "0::/kubepods/pod1\n", 1.5),                                           # v2, the process's own group first
+    ({"cpu.max": "50000 100000\n"}, "0::/gone\n", 0.5),                    # v2, own group unreadable: the root
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", 3.0),  # v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", None),
+    ({}, "0::/\n", None),                                                   # nothing to read
+    ({"cpu.max": "garbage\n"}, "0::/\n", None),
+])
+def test_cgroup_cpu_limit_reads_v2_and_v1_quotas(tmp_path, files, own, limit):
+    assert env.cgroup_cpu_limit(**cgroup_tree(tmp_path, files, own)) == limit
+
+
+@pytest.mark.parametrize("limit, cores", [(None, 16), (2.0, 2), (1.5, 2), (0.5, 1), (64.0, 16)])
+def test_usable_cores_is_capped_by_the_containers_quota(monkeypatch, limit, cores):
+    """A 2-core container on a 16-core host: torch gets 2 threads, not 16."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(env, "cgroup_cpu_limit", lambda: limit)
+    assert env.usable_cores() == cores
+    ticks = ticks_of((0, 0, 16), (0, 1600, 16))  # the host idle: free cores are the usable ones
+    assert env.free_cores(ticks=ticks, sleep=lambda s: None) == cores
 
 
 @pytest.mark.parametrize("busy, free", [(0, 2), (10, 2), (40, 2), (60, 1), (100, 1), (200, 1)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import platform
 import sys
@@ -68,12 +69,55 @@ def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
     return sum(fields) - idle, sum(fields), cpus
 
 
-def usable_cores() -> int:
-    """The cores this process may run on."""
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
+    """The CPU quota of this process's control group in cores (``docker run --cpus 2``, a Kubernetes
+    CPU limit, a CI runner's container), or None where there is none or it cannot be read.
+
+    cgroup v2: ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") in the process's own group, else at the
+    root (inside a container the group is usually the root); v1: ``cpu.cfs_quota_us`` (-1: none) over
+    ``cpu.cfs_period_us``. A container sees the host's cores in its affinity mask and /proc/stat, so
+    without this a torch kernel in a 2-core container on a 64-core host would run 64 threads."""
+    base = Path(root)
+    candidates = []
     try:
-        return len(os.sched_getaffinity(0))
+        for line in Path(own).read_text().splitlines():
+            if line.startswith("0::"):
+                candidates.append(base / line[3:].lstrip("/") / "cpu.max")
+    except OSError:
+        pass
+    candidates.append(base / "cpu.max")
+    for path in candidates:
+        try:
+            quota, period = path.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota == "max":
+            return None
+        try:
+            return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
+        except ValueError:
+            return None
+    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            quota = int((base / folder / "cpu.cfs_quota_us").read_text())
+            period = int((base / folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask, capped by its control group's CPU
+    quota rounded up (1.5 cores of quota: 2 threads, which the quota throttles together)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return cores
 
 
 def free_cores(sample_s: float = 0.1, ticks=cpu_ticks, sleep=time.sleep) -> int:
