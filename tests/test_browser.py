@@ -237,7 +237,8 @@ def text_changes(page, locator, before: str, timeout: int = 20_000, starts: str 
         if _letters(now) != _letters(before) and (starts is None or now.startswith(starts)):
             return now
         page.wait_for_timeout(200)
-    raise AssertionError(f"text did not change from {before!r}" + (f" to one starting {starts!r}; last: {now!r}" if starts else ""))
+    wanted = f" to one starting {starts!r}; last: {now!r}" if starts else ""
+    raise AssertionError(f"text did not change from {before!r}{wanted}")
 
 
 def drawn_images(widget, expected: int = 1, timeout: int = 20_000) -> int:

@@ -40,6 +40,9 @@ def cgroup_tree(tmp_path, files: dict[str, str], own: str = "0::/\n"):
     ({"kubepods/pod1/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"},
      "0::/kubepods/pod1\n", 1.5),                                           # v2, the process's own group first
     ({"cpu.max": "50000 100000\n"}, "0::/gone\n", 0.5),                    # v2, own group unreadable: the root
+    ({"system.slice/cpu.max": "100000 100000\n", "system.slice/job.scope/cpu.max": "max 100000\n"},
+     "0::/system.slice/job.scope\n", 1.0),                                 # v2, the quota on a parent slice
+    ({"a/cpu.max": "300000 100000\n", "a/b/cpu.max": "200000 100000\n"}, "0::/a/b\n", 2.0),  # v2, the smallest
     ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", 3.0),  # v1
     ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, "1:cpu:/\n", None),
     ({}, "0::/\n", None),                                                   # nothing to read

@@ -71,39 +71,46 @@ def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int, int]:
 
 def cgroup_cpu_limit(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
     """The CPU quota of this process's control group in cores (``docker run --cpus 2``, a Kubernetes
-    CPU limit, a CI runner's container), or None where there is none or it cannot be read.
+    CPU limit, a systemd slice's CPUQuota), or None where there is none or it cannot be read.
 
-    cgroup v2: ``cpu.max`` ("QUOTA PERIOD" or "max PERIOD") in the process's own group, else at the
-    root (inside a container the group is usually the root); v1: ``cpu.cfs_quota_us`` (-1: none) over
-    ``cpu.cfs_period_us``. A container sees the host's cores in its affinity mask and /proc/stat, so
-    without this a torch kernel in a 2-core container on a 64-core host would run 64 threads."""
+    cgroup v2: the smallest ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD" for none) of the process's
+    own group and every group above it, up to the root (inside a container the group is usually the
+    root); v1: ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``. A container sees the host's
+    cores in its affinity mask and /proc/stat, so without this a torch kernel in a 2-core container
+    on a 64-core host would run 64 threads."""
+
+    def cores(quota: str, period: str) -> float | None:
+        try:
+            quota_us, period_us = int(quota), int(period)
+        except ValueError:  # "max", or unreadable
+            return None
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
     base = Path(root)
-    candidates = []
+    group = None
     try:
-        for line in Path(own).read_text().splitlines():
-            if line.startswith("0::"):
-                candidates.append(base / line[3:].lstrip("/") / "cpu.max")
+        lines = Path(own).read_text().splitlines()
+        group = next((line[3:].strip("/") for line in lines if line.startswith("0::")), None)
     except OSError:
         pass
-    candidates.append(base / "cpu.max")
-    for path in candidates:
+    limits = []
+    folder = base / group if group else base
+    while True:  # the own group, then each parent up to the root
         try:
-            quota, period = path.read_text().split()[:2]
-        except (OSError, ValueError):
+            limits.append(cores(*(folder / "cpu.max").read_text().split()[:2]))
+        except (OSError, TypeError):  # no such file, or not two fields
+            pass
+        if folder == base or base not in folder.parents:
+            break
+        folder = folder.parent
+    limits = [limit for limit in limits if limit is not None]
+    if limits:
+        return min(limits)
+    for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            return cores((base / name / "cpu.cfs_quota_us").read_text(), (base / name / "cpu.cfs_period_us").read_text())
+        except OSError:
             continue
-        if quota == "max":
-            return None
-        try:
-            return int(quota) / int(period) if int(quota) > 0 and int(period) > 0 else None
-        except ValueError:
-            return None
-    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
-        try:
-            quota = int((base / folder / "cpu.cfs_quota_us").read_text())
-            period = int((base / folder / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            continue
-        return quota / period if quota > 0 and period > 0 else None
     return None
 
 
