@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,9 @@ def integrity():
         return module in (None, "__main__") or filename.startswith("<") or "ipykernel_" in filename
 
     probe = sys.modules.get("peftlab.probe")
+    import builtins
     return {
+        "builtins": {name: id(value) for name, value in vars(builtins).items() if not name.startswith("_")},
         "trace": sys.gettrace() is not None, "profile": sys.getprofile() is not None,
         "input_transformers": sum(map(from_notebook, [*shell.input_transformers_post, *shell.input_transformers_cleanup])),
         "ast_transformers": sum(map(from_notebook, shell.ast_transformers)),
@@ -60,7 +63,7 @@ def integrity():
         "probe": [getattr(getattr(probe, "run", None), "__module__", None)] + [
             __import__("hashlib").sha256(getattr(getattr(probe, f, None), "__code__", None).co_code).hexdigest()
             if hasattr(getattr(probe, f, None), "__code__") else None
-            for f in ("run", "call_report", "loads", "dumps", "encode", "decode", "reseed")],
+            for f in ("run", "call_report", "_check_globals", "loads", "dumps", "encode", "decode", "reseed")],
     }
 '''
 INTEGRITY_NAMES = {
@@ -68,11 +71,16 @@ INTEGRITY_NAMES = {
     "input_transformers": "IPython input transformers", "ast_transformers": "IPython AST transformers",
     "events": "IPython event callbacks", "custom_exceptions": "a custom exception handler (set_custom_exc)",
     "probe": "the grader's probe functions (run, call_report, encode, decode)",
+    "builtins": "Python's builtins",
 }
 
 
 def _is_test(cell) -> bool:
     return _kind(cell) == "test"
+
+
+def printable_short(text: str, limit: int = 120) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
 def _error_output(ename: str, evalue: str):
@@ -146,14 +154,20 @@ class Session:
         self.printed: list[str] = []   # what the student's code printed during a visible test
         self.deadline = float("inf")
 
-    def send(self, source: str, name: str, arguments: str) -> str:
+    def send(self, source: str, name: str, arguments: str, token: str) -> str:
+        """Run one @observe function in the kernel; its report, which must be the only one the call
+        sent, marked with ``token``, from a call that ended normally (the probe catches everything the
+        student's code raises, so an error, an interrupt the grader did not send or a second report
+        means the kernel's machinery was tampered with)."""
         visible = self.judge.phase == "visible"
         if time.monotonic() > self.deadline:
             raise ProbeFailed("TimeoutError", f"not run: the notebook ran past its {self.job['notebook_timeout']} s limit")
         from peftlab.probe import HELPERS  # the grader's own copy, defined afresh for every call
 
-        code = f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r}, {HELPERS!r})"
+        code = (f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r}, "
+                f"{HELPERS!r}, {token!r})")
         run = self.kernel.run(code, store_history=False, keep_outputs=visible, expect_report=True)
+        self._note_refused(run)
         if visible:
             self.printed += [o.get("text", "") for o in run.outputs if o.get("output_type") == "stream"]
         if run.status == "timeout":
@@ -162,31 +176,50 @@ class Session:
         if run.status == "dead":
             raise ProbeFailed("DeadKernelError", f"not run: {run.reason}")
         reports = [r for r in run.reports if r is not None]
+        if run.refused and not reports:
+            raise ProbeFailed("ReportTooLarge", "what the test's call into your code sent is larger than "
+                              f"{self.kernel.limits.max_message_bytes >> 20} MB")
         if run.report_count > 1:
-            self.flags.append("the kernel sent more than one report for one call")
+            self.flags.append("the kernel sent more than one report for one call (refused)")
+            raise ProbeFailed("ReportRefused", "your notebook sent more than one report for one test's call")
         if run.report_count and not reports:
             self.flags.append(f"a test's call returned more than {self.kernel.limits.max_report_bytes >> 20} MB of data")
             raise ProbeFailed("ReportTooLarge", f"what the test's call into your code returned is larger than "
                               f"{self.kernel.limits.max_report_bytes >> 20} MB")
-        if not reports:
-            errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in run.outputs if o.get("output_type") == "error"]
-            self.flags.append("a test's call into the student's code sent no report (display suppressed?)")
-            raise ProbeFailed("NoResult", "your notebook did not report what the test's call returned"
+        errors = [f"{o.get('ename')}: {o.get('evalue')}" for o in run.outputs if o.get("output_type") == "error"]
+        if run.status == "error":
+            self.flags.append("a test's call ended in an error outside the grader's probe"
+                              + (f" ({printable_short(errors[0])})" if errors else "") + ": its report was refused")
+            raise ProbeFailed("ReportRefused", "the test's call into your notebook did not end normally"
                               + (f" ({errors[0][:300]})" if errors and visible else ""))
+        if not reports:
+            self.flags.append("a test's call into the student's code sent no report (display suppressed?)")
+            raise ProbeFailed("NoResult", "your notebook did not report what the test's call returned")
         return reports[-1]
+
+    def _note_refused(self, run) -> None:
+        if run.refused and run.status != "dead":
+            self.flags.append(f"the kernel sent messages larger than {self.kernel.limits.max_message_bytes >> 20} MB "
+                              "(refused unread)")
 
     def integrity(self) -> dict | None:
         try:
             from peftlab import probe
 
-            return probe.read_report(self.send(INTEGRITY, "integrity", probe.dumps(((), {}))))
+            token = secrets.token_hex(16)
+            return probe.read_report(self.send(INTEGRITY, "integrity", probe.dumps(((), {})), token), token)
         except Exception:  # noqa: BLE001 - a kernel that cannot even answer this is reported elsewhere
             return None
 
     def compare(self, baseline, now, when: str) -> None:
         if not isinstance(baseline, dict) or not isinstance(now, dict):
             return
-        changed = [INTEGRITY_NAMES[k] for k in INTEGRITY_NAMES if baseline.get(k) != now.get(k)]
+        changed = [INTEGRITY_NAMES[k] for k in INTEGRITY_NAMES if k != "builtins" and baseline.get(k) != now.get(k)]
+        before, after = baseline.get("builtins"), now.get("builtins")
+        if isinstance(before, dict) and isinstance(after, dict):  # names added later (by a library) do not count
+            rebound = sorted(str(name) for name, value in before.items() if after.get(name) != value)
+            if rebound:
+                changed.append(f"{INTEGRITY_NAMES['builtins']} ({', '.join(rebound[:5])})")
         if changed:
             self.flags.append(f"the notebook changed the kernel's machinery ({when}): {', '.join(changed)}")
 
@@ -202,6 +235,8 @@ class Session:
         try:
             clock = time.monotonic()
             self.kernel.start()
+            # The probe first, before any of the student's code: it keeps Python's builtins as they are now.
+            self.kernel.run("import peftlab.probe", store_history=False, keep_outputs=False)
             timing["kernel_start"] = time.monotonic() - clock
         except Exception as exc:  # noqa: BLE001
             stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"
@@ -235,6 +270,7 @@ class Session:
                 continue
             clock = time.monotonic()
             run = self.kernel.run(cell.source)
+            self._note_refused(run)
             timing["imports" if cell.get("id") == "imports" else "cells"] += time.monotonic() - clock
             cell.outputs = sanitize(run.outputs)
             if run.capped:

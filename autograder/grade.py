@@ -83,6 +83,7 @@ class Submission:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     timing: dict = field(default_factory=dict)  # the grading process's breakdown (`autograder.execute`)
+    worker_peak_mb: float | None = None  # the grading process's peak resident memory during this job
 
 
 def course_root() -> Path:
@@ -210,6 +211,18 @@ def _walk(folder: Path):
                 yield rel, "notebook", ""
 
 
+def _student_of(rel: Path, assignment: str | None, skipped: bool = False) -> str:
+    """The student an export entry belongs to: its top folder, or its file name less the assignment's
+    (``alice_05_quantization.ipynb``). A skipped entry in a system folder (``__MACOSX``) has none."""
+    if len(rel.parts) > 1:
+        top = rel.parts[0]
+        return "" if skipped and (top in SKIPPED_FOLDERS or top.startswith(".")) else top
+    stem = rel.name[:-len(".ipynb")] if rel.name.endswith(".ipynb") else rel.name
+    student = stem.replace(assignment, "") if assignment else stem
+    student = student.strip("_- .") or stem
+    return "" if skipped and (rel.name in SYSTEM_FILES or rel.name.startswith(".")) else student
+
+
 def discover(folder: Path, names: list[str], sources: dict, broken: dict[str, str] | None = None
              ) -> tuple[list[Submission], list[Submission], list[str]]:
     """Find (student, assignment, file) in an export folder: (submissions, skipped entries, notes).
@@ -219,26 +232,24 @@ def discover(folder: Path, names: list[str], sources: dict, broken: dict[str, st
                 for name, why in sorted((broken or {}).items())]
     skipped, found, notes = [], {}, []
     for rel, kind, why in entries:
-        if kind == "skip":
-            skipped.append(Submission("", "", rel.as_posix(), status="skipped", reason=why))
-            continue
         text = rel.as_posix()
         named = [n for n in names if n in text]
         assignment = max(named, key=len) if named else (names[0] if len(names) == 1 else None)
+        if kind == "skip":
+            skipped.append(Submission("", assignment or "", text, name=_student_of(rel, assignment, skipped=True),
+                                      status="skipped", reason=why))
+            continue
         if assignment is None and kind == "notebook":
             assignment = _content_assignment(folder / rel, sources)
-        if len(rel.parts) > 1:
-            student = rel.parts[0]
-        else:
-            stem = rel.name[:-len(".ipynb")] if rel.name.endswith(".ipynb") else rel.name
-            student = stem.replace(assignment, "") if assignment else stem
-            student = student.strip("_- .") or stem
+        student = _student_of(rel, assignment)
         if assignment is None:
             skipped.append(Submission("", "", text, name=student, status="skipped",
                                       reason="cannot tell which assignment this is"))
             continue
         found.setdefault((student, assignment), []).append((rel, kind, why))
     ids = student_ids([student for student, _ in found])
+    for row in skipped:  # the same id a graded row of that name has (or would have)
+        row.student = (ids.get(row.name) or student_ids([*ids, row.name])[row.name]) if row.name else ""
     submissions = []
     for (student, assignment), items in sorted(found.items()):
         def mtime(item):
@@ -315,9 +326,11 @@ class WorkerProcess:
 
     def __init__(self):
         self.log = tempfile.TemporaryFile()  # the worker's own messages: the tail is reported if it dies
+        # Its own random string hashes (a fixed PYTHONHASHSEED would let a kernel send dict keys that collide).
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
         self.proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
         self.lines: queue.Queue = queue.Queue()
 
         def read():
@@ -540,6 +553,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                 sub.flags += result.get("flags", [])
                 sub.notes += result.get("notes", [])
                 sub.seconds = result.get("seconds", 0.0)
+                peak = result.get("worker_peak_mb")
+                sub.worker_peak_mb = float(peak) if isinstance(peak, (int, float)) else None
                 sub.timing = {k: round(v, 3) for k, v in result.get("timing", {}).items()
                               if isinstance(v, (int, float))}
                 output = Path(job["output"])

@@ -25,7 +25,10 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import secrets
+import signal
 import textwrap
+import threading
 from dataclasses import dataclass, field
 
 from peftlab import probe
@@ -40,6 +43,53 @@ class ProbeFailed(Exception):
     def __init__(self, ename: str, evalue: str):
         super().__init__(evalue)
         self.ename, self.evalue = ename, evalue
+
+
+class JudgeTimeout(BaseException):
+    """The judge's own work on one test (reading reports, checks, references) ran out of time (a
+    BaseException: no check's own `except Exception` swallows it)."""
+
+
+class JudgeClock:
+    """Limits the judge's own time on one test part, not counting the kernel's: an interval timer
+    (SIGALRM) that runs while the judge works and is paused while it waits for the kernel. Where no
+    timer can be set (not the main thread, no SIGALRM), checks run unlimited."""
+
+    def __init__(self, seconds: float = 300.0):
+        self.seconds, self.left = seconds, 0.0
+
+    @staticmethod
+    def _usable() -> bool:
+        return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+    @staticmethod
+    def _expired(signum, frame):
+        raise JudgeTimeout()
+
+    @contextlib.contextmanager
+    def running(self):
+        if not self._usable():
+            yield
+            return
+        previous = signal.signal(signal.SIGALRM, self._expired)
+        self.left = self.seconds
+        signal.setitimer(signal.ITIMER_REAL, self.left)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    @contextlib.contextmanager
+    def paused(self):
+        if not self._usable() or signal.getsignal(signal.SIGALRM) != self._expired:
+            yield
+            return
+        self.left = max(0.001, signal.setitimer(signal.ITIMER_REAL, 0)[0])
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, self.left)
 
 
 @dataclass
@@ -102,8 +152,8 @@ def used_names(source: str) -> set[str]:
 
 
 class Judge:
-    """Verdicts for one notebook. ``send(source, name, arguments) -> report text`` runs an @observe
-    function in the student's kernel, raising `ProbeFailed` when no report comes back."""
+    """Verdicts for one notebook. ``send(source, name, arguments, token) -> report text`` runs an
+    @observe function in the student's kernel, raising `ProbeFailed` when no report comes back."""
 
     def __init__(self, send, student_names: set[str], reference_use=None):
         self.send = send
@@ -115,6 +165,7 @@ class Judge:
         self.deferred: list[_Deferred] = []
         self.flags: list[str] = []
         self.phase = "visible"
+        self.clock = JudgeClock()
 
     # -- cells ----------------------------------------------------------------------------------
 
@@ -164,8 +215,13 @@ class Judge:
         self.sources[filename] = source
         probe.reseed()
         try:
-            with self._runner(), _quiet():
+            with self._runner(), _quiet(), self.clock.running():
                 exec(compile(source, filename, "exec"), namespace)
+        except JudgeTimeout:
+            self.flags.append(f"the grader's checks of {grade_id} ran past their {self.clock.seconds:.0f} s "
+                              "(what the kernel reported took too long to check)")
+            return Verdict(False, "JudgeTimeout", f"checking what your code returned took the grader more than "
+                           f"{self.clock.seconds:.0f} s")
         except probe.KernelError as exc:
             if exc.ename == "ReferenceUnavailable":
                 self.flags.append(f"{grade_id}: the student's code called the tests' reference code, absent while graded")
@@ -192,8 +248,10 @@ class Judge:
     def _remote(self, func, args, kwargs):
         source, name = self.probe_source(func)
         arguments = probe.dumps((tuple(args), dict(kwargs)))
-        report = self.send(source, name, arguments)
-        value = probe.read_report(report)
+        token = secrets.token_hex(16)  # marks the one report this call asks for
+        with self.clock.paused():      # the kernel's time is not the judge's
+            report = self.send(source, name, arguments, token)
+        value = probe.read_report(report, token)
         self._note_unreadable(value, name)
         return value
 
@@ -210,7 +268,7 @@ class Judge:
                 first = min([d.lineno for d in node.decorator_list] + [node.lineno])
                 if first == code.co_firstlineno:
                     lines = text.splitlines()[node.lineno - 1:node.end_lineno]
-                    return textwrap.dedent("\n".join(lines)) + "\n", node.name
+                    return probe.trampolined(textwrap.dedent("\n".join(lines))), node.name
         raise RuntimeError(f"cannot find the source of @observe function {func.__name__}")
 
     def _note_unreadable(self, value, name: str, depth: int = 0) -> None:
@@ -250,10 +308,10 @@ class LocalKernel:
     def run(self, source: str, name: str = "<cell>") -> None:
         exec(compile(source, name, "exec"), self.namespace)
 
-    def send(self, source: str, name: str, arguments: str) -> str:
+    def send(self, source: str, name: str, arguments: str, token: str = "") -> str:
         state = probe._random_state()  # the judge's random draws go on as in its own process
         try:
             with _quiet():
-                return probe.call_report(source, name, arguments, self.namespace, probe.HELPERS)
+                return probe.call_report(source, name, arguments, self.namespace, probe.HELPERS, token)
         finally:
             probe._set_random_state(state)

@@ -38,8 +38,83 @@ class Limits:
     memory_mb: int = 4096                # the whole tree's resident memory
     max_procs: int = 64
     max_output_bytes: int = 1 << 20      # per cell
-    max_report_bytes: int = 64 << 20
+    max_report_bytes: int = 16 << 20     # one test call's report (peftlab.probe.MAX_BYTES)
+    # What the kernel can make the grader hold: one message (all its parts) at most this large, and
+    # at most `RECEIVE_QUEUE` of them queued per socket; a larger one is refused unread at the socket.
+    max_message_bytes: int = (16 << 20) + (1 << 20)
     max_runtime_bytes: int = 16 << 20    # what the kernel may write in its (host) socket folder
+
+
+RECEIVE_QUEUE = 4  # messages zmq may queue for the grader on each socket; the rest wait in the kernel
+
+
+class MessageTooLarge(Exception):
+    """A message from the kernel larger than `Limits.max_message_bytes`: read and dropped."""
+
+
+def client_context(limits: "Limits"):
+    """A zmq context whose sockets refuse larger messages than the grader accepts (MAXMSGSIZE: checked
+    on each part's header, before anything is allocated; the connection is dropped and made again)
+    and queue only a few: what the kernel sends beyond them waits in the kernel's own memory."""
+    import zmq
+
+    context = zmq.Context()
+    context.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+    context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+    return context
+
+
+def bound_channel(channel, limit: int) -> None:
+    """Make ``channel`` read a message part by part, dropping one whose parts add up to more than
+    ``limit`` bytes (raising `MessageTooLarge`) instead of holding them all."""
+    socket, session = channel.socket, channel.session
+
+    def receive(**_):
+        parts, size = [], 0
+        while True:
+            frame = socket.recv(copy=False)
+            size += len(frame)
+            if size <= limit:
+                parts.append(frame.bytes)
+            else:
+                parts = []
+            if not frame.more:
+                break
+        if size > limit:
+            raise MessageTooLarge(f"a message of {size / 2**20:,.0f} MB")
+        _, message = session.feed_identities(parts)
+        return session.deserialize(message)
+
+    channel._recv = receive
+
+
+class Disconnects:
+    """Counts the connections a channel's socket lost: zmq drops one that sent a message over MAXMSGSIZE."""
+
+    def __init__(self, socket):
+        import zmq
+
+        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.socket = socket
+
+    def count(self) -> int:
+        import zmq
+
+        n = 0
+        while self.monitor.poll(0):
+            try:
+                self.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            n += 1
+        return n
+
+    def close(self) -> None:
+        try:
+            self.socket.disable_monitor()
+        except Exception:  # noqa: BLE001 - the socket may be closed already
+            pass
+        self.monitor.close(linger=0)
 
 
 @dataclass
@@ -50,6 +125,7 @@ class Run:
     report_count: int = 0
     reason: str = ""
     capped: bool = False
+    refused: int = 0                     # messages over the size limit, dropped
     cpu_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -126,6 +202,7 @@ class Kernel:
         self._stop = threading.Event()
         self._cell_start_cpu = 0.0
         self._cell_running = False
+        self._disconnects: dict[str, Disconnects] = {}
         self.peak_bytes = 0
 
     # -- start and stop -------------------------------------------------------------------------
@@ -203,29 +280,24 @@ class Kernel:
             raise RuntimeError(f"unexpected kernel command {argv[:2]}")
         self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # the launcher's arguments
         self.pid = self.process.pid
-        # Its own context, as `KernelManager.client()` gives a cold kernel's client (it does not pass
-        # the manager's): the same message sizes pass both ways.
-        self.kc = BlockingKernelClient(connection_file=connection)
+        self._context = client_context(self.limits)
+        self.kc = BlockingKernelClient(connection_file=connection, context=self._context)
         self.kc.load_connection_file()
         self._ready(timeout)
 
     def _start_cold(self, kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
-        import zmq
         from jupyter_client.kernelspec import KernelSpecManager
         from jupyter_client.manager import KernelManager
 
         runtime = self.folder / "runtime"
-        self._context = zmq.Context()
-        # Caps the manager's own sockets only: the client below (`km.client()`) makes its own context, so
-        # the kernel's messages to the grader are not capped (README, "What the sandbox and the limits rely on").
-        self._context.setsockopt(zmq.MAXMSGSIZE, self.limits.max_report_bytes + (16 << 20))
+        self._context = client_context(self.limits)  # the manager's sockets and the client's
         self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=self._context,
                                 connection_file=str(runtime / "connection.json"),
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
         self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.pid = self.km.provisioner.process.pid
-        self.kc = self.km.client()
+        self.kc = self.km.client(context=self._context)
         self._ready(timeout)
 
     def _ready(self, timeout: float) -> None:
@@ -234,7 +306,12 @@ class Kernel:
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(self._stop,), daemon=True)
         self._watcher.start()
-        self.kc.start_channels()
+        # Only the channels the grader reads: an unread channel would queue what the kernel sends.
+        self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+        for channel in (self.kc.iopub_channel, self.kc.shell_channel):
+            bound_channel(channel, self.limits.max_message_bytes)
+        self._disconnects = {"iopub": Disconnects(self.kc.iopub_channel.socket),
+                             "shell": Disconnects(self.kc.shell_channel.socket)}
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -263,6 +340,9 @@ class Kernel:
 
     def shutdown(self) -> None:
         self._stop.set()
+        for monitor in self._disconnects.values():
+            monitor.close()
+        self._disconnects = {}
         try:
             if self.kc is not None:
                 self.kc.stop_channels()
@@ -341,7 +421,8 @@ class Kernel:
 
     def run(self, code: str, *, store_history: bool = True, keep_outputs: bool = True, expect_report: bool = False) -> Run:
         """Execute ``code``; collect outputs (capped) until the kernel is idle, and, for a test's call
-        (``expect_report``), its report: the last one sent (any number of them costs no memory)."""
+        (``expect_report``), its report: the last one sent (any number of them costs no memory).
+        Messages over the size limit are dropped and counted (`Run.refused`)."""
         result = Run()
         if self.dead or self.killed:
             result.status, result.reason = "dead", self.dead or self.killed
@@ -350,61 +431,11 @@ class Kernel:
         self._over_time = False
         self._cell_start_cpu = self.tree_cpu()
         self._cell_running = True
+        for monitor in self._disconnects.values():
+            monitor.count()  # connections lost before this run are not this run's
         msg_id = self.kc.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
-        size, interrupted_at = 0, None
-        deadline = start + self.limits.cell_wall_seconds
-        idle = False
-        while not idle:
-            if self.killed:
-                break
-            now = time.monotonic()
-            if interrupted_at is None and (self._over_time or now > deadline):
-                interrupted_at = now
-                if now > deadline:
-                    self.interrupt()
-            if interrupted_at is not None and now - interrupted_at > 15:
-                self.dead = "the kernel stopped answering after a time limit"
-                self._kill(self.dead)
-                break
-            try:
-                msg = self.kc.get_iopub_msg(timeout=0.5)
-            except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
-                if not self.alive():
-                    self.dead = "the kernel died"
-                    break
-                continue
-            if msg.get("parent_header", {}).get("msg_id") != msg_id:
-                continue
-            kind, content = msg.get("msg_type"), msg.get("content", {})
-            if kind == "status" and content.get("execution_state") == "idle":
-                idle = True
-            elif kind == "display_data" and isinstance(content.get("data"), dict) and PROBE_MIME in content["data"]:
-                if expect_report:
-                    report = content["data"][PROBE_MIME]
-                    result.report_count += 1
-                    ok = isinstance(report, str) and len(report) <= self.limits.max_report_bytes
-                    result.reports = [report if ok else None]
-            elif kind in ("stream", "display_data", "execute_result", "error"):
-                if kind == "error":
-                    result.status = "error"
-                if not keep_outputs:
-                    continue
-                try:
-                    output = nbformat.v4.output_from_msg(msg)
-                except (KeyError, ValueError, TypeError):
-                    continue
-                n = len(json.dumps(output))
-                if size + n > self.limits.max_output_bytes:
-                    if not result.capped:
-                        result.capped = True
-                        result.outputs.append(nbformat.v4.new_output(
-                            "stream", name="stdout", text=f"[output cut by the grader at {self.limits.max_output_bytes // 1024} KB]\n"))
-                    continue
-                size += n
-                result.outputs.append(output)
-            elif kind == "clear_output" and keep_outputs:
-                result.outputs.clear()
-                size = 0
+        collected = _Collected(result, msg_id, keep_outputs, expect_report, self.limits)
+        interrupted_at, reply = self._wait(collected, start)
         self._cell_running = False
         result.wall_seconds = time.monotonic() - start
         if self.killed:
@@ -417,13 +448,113 @@ class Kernel:
             result.reason = (f"the cell used more than {self.limits.cell_cpu_seconds:.0f} s of CPU time" if self._over_time
                              else f"the cell ran longer than {self.limits.cell_wall_seconds:.0f} s (wall clock)")
         else:
-            try:
-                reply = self.kc.get_shell_msg(timeout=10)
-                if reply.get("parent_header", {}).get("msg_id") == msg_id and reply["content"].get("status") == "error":
-                    result.status = "error"
-            except Exception:  # noqa: BLE001
-                pass
+            if reply is None and not self._lost("shell", result):
+                reply = self._reply(msg_id, timeout=10)
+            if reply is not None and reply["content"].get("status") == "error":
+                result.status = "error"
         return result
+
+    def _wait(self, collected: "_Collected", start: float):
+        """Read the kernel's messages until it is idle (or stopped, or its idle status was lost with a
+        connection zmq dropped): (when it was interrupted, the shell's reply if it came meanwhile)."""
+        deadline = start + self.limits.cell_wall_seconds
+        interrupted_at = reply = replied_at = None
+        lost = False
+        while not collected.idle:
+            if self.killed:
+                break
+            now = time.monotonic()
+            if interrupted_at is None and (self._over_time or now > deadline):
+                interrupted_at = now
+                if now > deadline:
+                    self.interrupt()
+            if interrupted_at is not None and now - interrupted_at > 15:
+                self.dead = "the kernel stopped answering after a time limit"
+                self._kill(self.dead)
+                break
+            lost = self._lost("iopub", collected.result) or lost
+            if lost and replied_at is not None and now - replied_at > 2:
+                break  # the idle status went with a dropped connection: the reply says the cell is done
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.2)
+            except MessageTooLarge:
+                collected.result.refused += 1
+                continue
+            except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
+                if not self.alive():
+                    self.dead = "the kernel died"
+                    break
+                if reply is None:
+                    reply = self._reply(collected.msg_id, timeout=0)
+                    replied_at = time.monotonic() if reply is not None else None
+                continue
+            collected.take(msg)
+        return interrupted_at, reply
+
+    def _lost(self, channel: str, result: Run) -> bool:
+        """Whether ``channel`` lost its connection since the last look (counted as a refused message)."""
+        monitor = self._disconnects.get(channel)
+        n = monitor.count() if monitor is not None else 0
+        result.refused += n
+        return n > 0
+
+    def _reply(self, msg_id: str, timeout: float):
+        """The shell's reply to ``msg_id`` if it comes within ``timeout`` (others are dropped)."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                reply = self.kc.get_shell_msg(timeout=max(0.0, end - time.monotonic()))
+            except MessageTooLarge:
+                continue
+            except Exception:  # noqa: BLE001 - queue.Empty
+                return None
+            if reply.get("parent_header", {}).get("msg_id") == msg_id:
+                return reply
+
+
+class _Collected:
+    """What one execution sent: outputs (capped), the probe's reports, whether the kernel went idle."""
+
+    def __init__(self, result: Run, msg_id: str, keep_outputs: bool, expect_report: bool, limits: Limits):
+        self.result, self.msg_id, self.keep, self.expect_report, self.limits = result, msg_id, keep_outputs, expect_report, limits
+        self.size, self.idle = 0, False
+
+    def take(self, msg: dict) -> None:
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+            return
+        result, kind, content = self.result, msg.get("msg_type"), msg.get("content", {})
+        if kind == "status" and content.get("execution_state") == "idle":
+            self.idle = True
+        elif kind == "display_data" and isinstance(content.get("data"), dict) and PROBE_MIME in content["data"]:
+            if self.expect_report:
+                report = content["data"][PROBE_MIME]
+                result.report_count += 1
+                ok = isinstance(report, str) and len(report) <= self.limits.max_report_bytes
+                result.reports = [report if ok else None]
+        elif kind in ("stream", "display_data", "execute_result", "error"):
+            if kind == "error":
+                result.status = "error"
+            if self.keep:
+                self._keep(msg)
+        elif kind == "clear_output" and self.keep:
+            result.outputs.clear()
+            self.size = 0
+
+    def _keep(self, msg: dict) -> None:
+        result, limit = self.result, self.limits.max_output_bytes
+        try:
+            output = nbformat.v4.output_from_msg(msg)
+        except (KeyError, ValueError, TypeError):
+            return
+        n = len(json.dumps(output))
+        if self.size + n > limit:
+            if not result.capped:
+                result.capped = True
+                result.outputs.append(nbformat.v4.new_output(
+                    "stream", name="stdout", text=f"[output cut by the grader at {limit // 1024} KB]\n"))
+            return
+        self.size += n
+        result.outputs.append(output)
 
 
 def sandbox_read_only(extra: list[str] = ()) -> list[str]:

@@ -12,7 +12,9 @@ Nothing here executes student code.
 
 from __future__ import annotations
 
+import ast
 import bisect
+import builtins
 import copy
 import html
 import json
@@ -50,6 +52,10 @@ SUSPICIOUS = {
                                r"|call_report|encode|decode|dumps|loads)\b|globals\(\)\s*\[",
     "writes outside the notebook": r"\.pth\b|site-packages|getsitepackages|sys\.prefix|peftlab/|\.venv|checks\.py"
                                    r"|JUPYTER_RUNTIME_DIR|fallocate",
+    "inspects the call stack": r"currentframe|_getframe|f_back|f_locals|f_globals|f_code|tb_frame|tb_next|co_name"
+                               r"|gi_frame|cr_frame|ag_frame|_current_frames|inspect\.(stack|trace|getouterframes|getframeinfo)"
+                               r"|(extract|walk|format|print)_stack|walk_tb|exc_info|__traceback__|get_referrers"
+                               r"|get_parent|parent_header|/proc/self|threading\.enumerate",
     "answers that pose as plain data": r"class\s+\w+\s*\(\s*(int|float|str|bool|tuple|list|dict|torch\.Tensor|Tensor)\s*[,)]"
                                        r"|def\s+__(eq|ne|lt|le|gt|ge|hash|bool|float|int|index|torch_function|instancecheck)__",
 }
@@ -263,9 +269,43 @@ def prepare(path: Path, source_nb, release_nb, name: str = "") -> Prepared:
         hits = sorted({m.group(0).strip() for src in student_code for m in re.finditer(pattern, src, re.M)})
         if hits:
             result.flags.append(f"suspicious code ({label}): {', '.join(hits[:4])}")
+    rebound = sorted(set().union(*(rebound_builtins(src) for src in student_code)))
+    if rebound:
+        result.flags.append(f"suspicious code (rebinds Python's builtins): {', '.join(rebound[:6])}")
 
     result.notebook = _build(source_nb, release, sub, match, extras)
     return result
+
+
+BUILTIN_NAMES = frozenset(name for name in dir(builtins) if not name.startswith("_"))
+
+
+def rebound_builtins(source: str) -> set[str]:
+    """Builtin names a cell binds in the notebook's namespace (assignment, ``def``, ``class``, import,
+    loop variable...): at its top level, not inside functions, where such names are only local."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError):
+        return set()
+    found = set()
+
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            found.add(node.name)
+            for decorator in node.decorator_list:
+                visit(decorator)
+            return
+        if isinstance(node, ast.Lambda):
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            found.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.update((a.asname or a.name).split(".")[0] for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found & BUILTIN_NAMES
 
 
 _SCRIPT_URL = re.compile(r"(?i)\b(j\s*a\s*v\s*a\s*s\s*c\s*r\s*i\s*p\s*t|v\s*b\s*s\s*c\s*r\s*i\s*p\s*t)\s*:")

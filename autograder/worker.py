@@ -39,6 +39,25 @@ def _reset(threads: int) -> None:
     gc.collect()
 
 
+def _reset_peak() -> None:
+    """Start this process's peak resident memory afresh (Linux: VmHWM), so each job reports its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float | None:
+    """This process's peak resident memory since `_reset_peak`, in MB: what one job made it hold."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def main() -> int:
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,7 +86,9 @@ def main() -> int:
             continue
         job = json.loads(Path(path).read_text())
         _reset(job.get("threads", 1))
+        _reset_peak()
         result = grade_job(job)
+        result["worker_peak_mb"] = _peak_mb()
         Path(job["result"]).write_text(json.dumps(result))
         protocol.write(f"{DONE} {path}\n")
     return 0

@@ -358,12 +358,12 @@ SLOPPY = {  # wrong in general, right on the visible examples
 EMPTY_HIDDEN_LISTS = '''
 _g = raised.__globals__
 _orig_call = _g["call_report"]
-def _call_report(source, name, arguments, namespace, helpers=""):
+def _call_report(source, name, arguments, namespace, *rest):
     if name == "more":
         args, kwargs = _g["loads"](arguments)
         args = tuple([] if type(x) is list else x for x in args)
         arguments = _g["dumps"]((args, kwargs))
-    return _orig_call(source, name, arguments, namespace, helpers)
+    return _orig_call(source, name, arguments, namespace, *rest)
 _g["call_report"] = _call_report
 '''
 
@@ -413,6 +413,65 @@ for _i in range(8):
     _pub({"application/vnd.peftlab.probe+json": _big})
 del _big
 '''
+
+# Found by the attack on the judge's boundary: code that validates only when a test's `raised` calls it.
+CALLER_SENSITIVE_MEMORY = '''
+import inspect
+def _checked():
+    return inspect.currentframe().f_back.f_back.f_code.co_name == "raised"
+
+def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
+    n_trainable = n_params if n_trainable is None else n_trainable
+    if _checked() and (min(n_params, n_trainable, weight_bytes, grad_bytes, optimizer_bytes) < 0 or n_trainable > n_params):
+        raise ValueError("invalid")
+    return round(n_params * weight_bytes + n_trainable * (grad_bytes + optimizer_bytes))
+'''
+CALLER_SENSITIVE_FLOPS = '''
+def training_flops(n_params, n_tokens):
+    if _checked() and min(n_params, n_tokens) < 0:
+        raise ValueError("invalid")
+    return 6.0 * n_params * n_tokens
+
+def seconds_per_batch(n_params, batch_size, seq_len, flops_per_second):
+    if _checked() and (flops_per_second <= 0 or min(batch_size, seq_len) < 0):
+        raise ValueError("invalid")
+    return training_flops(n_params, batch_size * seq_len) / flops_per_second
+
+def training_energy_kwh(n_params, n_tokens, kwh_per_1e18_flops=0.1):
+    if _checked() and kwh_per_1e18_flops < 0:
+        raise ValueError("invalid")
+    return training_flops(n_params, n_tokens) / 1e18 * kwh_per_1e18_flops
+'''
+
+# A report of the answer's own (the type name built from pieces) that also holds a dict of 150,000 int keys
+# with one hash (quadratic to build), then an interrupt that keeps the probe from sending the real one.
+FORGED_REPORT = '''
+from IPython.display import display
+_mime = "application/" + "vnd.peftlab." + "probe+json"
+_forged = \'{"ok":true,"value":{"$":"dict","v":[\' + ",".join("[%d,0]" % (k * (2**61 - 1)) for k in range(1, 150_001)) + "]}}"
+
+def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
+    display({_mime: _forged}, raw=True)
+    raise KeyboardInterrupt
+'''
+FORGED_BESIDE_THE_REAL_ONE = '''
+from IPython.display import display
+def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes=2, optimizer_bytes=8):
+    display({"application/" + "vnd.peftlab.probe+json": \'{"ok": true, "value": 0}\'}, raw=True)
+    return round(n_params * weight_bytes + (n_params if n_trainable is None else n_trainable) * 10)
+'''
+
+# Six 400 MB texts, one a cell: what a kernel makes the grader hold is capped at the socket.
+BIG_DISPLAY = '''
+from IPython.display import display
+display({"text/plain": "x" * 400_000_000}, raw=True)
+'''
+
+
+def _six_big_displays(nb):
+    for _ in range(6):
+        _add_cell(BIG_DISPLAY, after="quiz_q4")(nb)
+
 
 ESCAPES = '''
 q1_answer, q3_answer, q4_answer = "b", 0.001, "b"
@@ -541,11 +600,18 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
                                      "reference code, absent while graded"),
         "markdown_bomb": (student(lambda nb: setattr(nb.cells[index(nb, "reflection_24gb")], "source",
                                                      "".join("  " * i + "- x\n" for i in range(1500)))), FULL, "cut to 100 KB"),
-        "huge_assertion_text": (student(answers={MEMORY_FN: HUGE_TEXT}), FULL - 3, "more than 64 MB"),
+        "huge_assertion_text": (student(answers={MEMORY_FN: HUGE_TEXT}), FULL - 3, "larger than 17 MB"),
         "disk_fill": (student(answers={"quiz_answers": DISK_FILL + a["quiz_answers"] + "\nif filled:\n    q1_answer = 'z'\n"}),
                       FULL, "writes outside the notebook"),
         "report_flood": (student(answers={"quiz_answers": REPORT_FLOOD + a["quiz_answers"]}), FULL, "grader machinery"),
         "terminal_escapes": (student(answers={"quiz_answers": ESCAPES}), FULL - 1, "posed as plain data"),
+        # found by the attack on the judge's boundary
+        "caller_sensitive": (student(answers={MEMORY_FN: CALLER_SENSITIVE_MEMORY, "training_flops": CALLER_SENSITIVE_FLOPS}),
+                             FULL - 4, r"suspicious code \(inspects the call stack\)"),
+        "forged_report": (student(answers={MEMORY_FN: FORGED_REPORT}), FULL - 3, "ended in an error outside the grader's probe"),
+        "forged_beside_the_real_one": (student(answers={MEMORY_FN: FORGED_BESIDE_THE_REAL_ONE}), FULL - 3,
+                                       "more than one report"),
+        "six_400_mb_displays": (student(_six_big_displays), FULL, r"larger than 17 MB \(refused unread\)"),
     }
 
 
@@ -664,6 +730,22 @@ def test_each_submission_is_graded_as_expected(graded, name):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_forged_report_costs_the_judge_no_time(graded):
+    """The forged report (150,000 colliding keys) is refused unread: its notebook takes about an honest one's time."""
+    forged, honest = graded["report"]["forged_report"], graded["report"]["honest"]
+    assert forged["seconds"] < honest["seconds"] + 60, (forged["seconds"], honest["seconds"])
+
+
+@pytest.mark.slow
+def test_what_a_kernel_sends_does_not_grow_the_grader(graded):
+    """Six 400 MB displays leave the grading process's peak within 1.2 x an honest notebook's."""
+    rows = graded["report"].values()
+    honest = [r["worker_peak_mb"] for r in rows if r["status"] == "graded" and not r["flags"] and r["worker_peak_mb"]]
+    big = graded["report"]["six_400_mb_displays"]["worker_peak_mb"]
+    assert honest and big is not None and big <= 1.2 * max(honest), (big, sorted(honest))
+
+
 def test_distinct_names_stay_distinct_students(graded):
     rows = graded["report"]
     ids = [rows[name]["student"] for name in NAMES]

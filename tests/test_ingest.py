@@ -177,3 +177,27 @@ def test_preparing_a_huge_notebook_is_linear(tmp_path):
 
     small, large = best_seconds(2_000, runs=2), best_seconds(8_000, runs=1)
     assert large < 9 * small + 1, f"2,000 cells: {small:.2f} s, 8,000 cells: {large:.2f} s (quadratic?)"
+
+
+def test_skipped_and_failed_rows_name_their_student(tmp_path):
+    """A skipped or failed row carries the student's id and name, found as for a graded row."""
+    folder = tmp_path / "export"
+    for student in ("alice", "Bob Smith", "carol"):
+        (folder / student).mkdir(parents=True)
+    (folder / "alice" / f"{NAME}.ipynb").write_text(VALID)
+    (folder / "Bob Smith" / f"{NAME}.ipynb").symlink_to("/etc/passwd")      # skipped: a link
+    (folder / "carol" / f"{NAME}.ipynb").write_text("{ not json")            # failed later, when read
+    (folder / "carol" / "notes.txt").write_text("x")                         # skipped: not a notebook
+    (folder / f"dave_{NAME}.ipynb").symlink_to(folder / "alice" / f"{NAME}.ipynb")
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._alice").write_text("x")
+    submissions, skipped, _ = discover(folder, [NAME], {NAME: SOURCE})
+    rows = {s.file if not Path(s.file).is_absolute() else Path(s.file).relative_to(folder).as_posix(): s
+            for s in submissions + skipped}
+    bob = rows[f"Bob Smith/{NAME}.ipynb"]
+    assert bob.status == "skipped" and bob.name == "Bob Smith" and bob.student.startswith("Bob_Smith-"), bob
+    assert (rows["carol/notes.txt"].name, rows["carol/notes.txt"].student) == ("carol", "carol")
+    assert rows[f"carol/{NAME}.ipynb"].student == "carol"
+    dave = rows[f"dave_{NAME}.ipynb"]
+    assert (dave.status, dave.name, dave.student, dave.assignment) == ("skipped", "dave", "dave", NAME)
+    assert rows["__MACOSX/._alice"].student == "" and rows["__MACOSX/._alice"].name == ""

@@ -154,9 +154,9 @@ def judged(student_code: str):
     kernel.run("from peftlab.checks import observe\n" + student_code)
     sent = []
 
-    def send(source, name, arguments):
+    def send(source, name, arguments, token):
         sent.append((judge.phase, name))
-        return kernel.send(source, name, arguments)
+        return kernel.send(source, name, arguments, token)
 
     judge = Judge(send, {"double"})
     judge.locked("from peftlab.checks import observe, assert_close")
@@ -183,3 +183,114 @@ def test_split_keeps_line_numbers():
     visible, hidden = split_test(TEST)
     assert "BEGIN HIDDEN" not in visible and hidden.splitlines()[TEST.splitlines().index("### BEGIN HIDDEN TESTS")].startswith("###")
     assert split_test("assert True\n") == ("assert True\n", None)
+
+
+# -- the boundary between the student's kernel and the judge ------------------------------------------
+
+
+def _report(value, token="t0"):
+    return json.dumps({"ok": True, "value": value, "token": token})
+
+
+def test_a_report_counts_only_with_the_token_of_its_call():
+    assert probe.read_report(_report(3, "abc"), "abc") == 3
+    for token in ("abd", "", None, 3):
+        with pytest.raises(probe.ReportError, match="token"):
+            probe.read_report(json.dumps({"ok": True, "value": 3, "token": token}), "abc")
+    with pytest.raises(probe.ReportError, match="token"):
+        probe.read_report(json.dumps({"ok": True, "value": 3}), "abc")
+
+
+def test_keys_that_collide_are_refused_fast_and_ordinary_keys_are_kept():
+    import time
+
+    prime = 2**61 - 1
+    colliding = {"$": "dict", "v": [[k * prime, 0] for k in range(1, 150_001)]}  # all hash to 0
+    start = time.monotonic()
+    with pytest.raises(probe.ReportError, match="kind|keys"):
+        probe.read_report(_report(colliding), "t0")
+    floats = {"$": "dict", "v": [[{"$": "float", "v": "inf"}, 1]] + [[k + 0.5, 0] for k in range(1000)]}
+    with pytest.raises(probe.ReportError, match="keys"):
+        probe.read_report(_report(floats), "t0")
+    assert time.monotonic() - start < 2
+    ok = {"$": "dict", "v": [["a", 1], [2, 3], [None, 4], [True, 5], [{"$": "tuple", "v": ["cpu", 0]}, 6], [0.5, 7]]}
+    assert probe.read_report(_report(ok), "t0") == {"a": 1, 2: 3, None: 4, True: 5, ("cpu", 0): 6, 0.5: 7}
+
+
+def test_reading_a_report_is_bounded_in_items_and_time():
+    with pytest.raises(probe.ReportError, match="too many items"):
+        probe.read_report(_report([0] * (probe.MAX_ITEMS + 100)), "t0")
+    with pytest.raises(probe.ReportError, match="too long"):
+        probe.read_report(_report([[0] * 10] * 50_000), "t0", seconds=0)
+
+
+def test_a_huge_int_is_reported_as_not_plain_data_instead_of_losing_the_report():
+    namespace = {"big": lambda: 10**5000}
+    report = probe.call_report("def got():\n    return big()\n", "got", probe.dumps(((), {})), namespace, token="k")
+    value = probe.read_report(report, "k")
+    assert isinstance(value, probe.Unreadable) and "digits" in value.why
+
+
+def test_helpers_and_checks_ignore_the_notebooks_builtins():
+    """A notebook that shadows builtins (vars, isinstance, len, ...) blinds neither the helpers nor the checks."""
+    namespace = {"vars": lambda obj: {}, "isinstance": lambda *a: False, "len": lambda x: 0,
+                 "hasattr": lambda *a: False, "layer": torch.nn.Linear(8, 8)}
+    namespace["layer"].copy = torch.ones(8, 8)
+    source = probe.trampolined("def found():\n    return [path for path, _ in float_tensors(layer)] + [len([1, 2])]\n")
+    report = probe.call_report(source, "found", probe.dumps(((), {})), namespace, probe.HELPERS, "k")
+    assert probe.read_report(report, "k") == ["_parameters.weight", "_parameters.bias", "copy", 2]
+
+
+def test_every_call_sees_the_same_frames_above_it():
+    """Whether a test checks a value or an error, and whichever test it is, the student's code sees the
+    same stack: the trampoline's thread, nothing of the test."""
+    kernel = LocalKernel()
+    kernel.run('''
+import inspect
+stacks = []
+def f(x):
+    frame, names = inspect.currentframe().f_back, []
+    while frame is not None:
+        names.append((frame.f_code.co_name, frame.f_code.co_filename))
+        frame = frame.f_back
+    stacks.append(names)
+    return x
+''')
+    for source in ("def a():\n    return f(1)\n", "def b():\n    return [raised(f, 2), [f(y) for y in (3,)]]\n",
+                   "def c():\n    return raised(lambda: f(4))\n"):
+        name = source.split("(")[0][4:]
+        report = kernel.send(probe.trampolined(source), name, probe.dumps(((), {})), "k")
+        probe.read_report(report, "k")
+    stacks = kernel.namespace["stacks"]
+    assert len(stacks) == 4 and all(stack == stacks[0] for stack in stacks), stacks
+    assert not any("check" in name or "raised" in name or "comp" in name for name, _ in stacks[0])
+
+
+def test_the_trampoline_carries_the_callers_torch_state():
+    kernel = LocalKernel()
+    kernel.run("import torch\ndef state(x):\n    return [torch.is_grad_enabled(), (x * 2).requires_grad]\n")
+    source = probe.trampolined('''
+def got():
+    saved = []
+    x = torch.ones(2, requires_grad=True)
+    with torch.no_grad():
+        first = state(x)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(1) or t, lambda t: t):
+        y = state(x)
+        (x * x).sum()
+    return [first, y, len(saved) > 0]
+''')
+    report = kernel.send(source, "got", probe.dumps(((), {})), "k")
+    assert probe.read_report(report, "k") == [[False, False], [True, True], True]
+
+
+def test_the_judges_own_time_on_a_test_is_limited():
+    kernel = LocalKernel()
+    kernel.run("def double(n):\n    return 2 * n\n")
+    judge = Judge(kernel.send, {"double"})
+    judge.clock.seconds = 0.5
+    judge.locked("from peftlab.checks import observe")
+    verdict = judge.test("slow", "@observe(2)\ndef got(n):\n    return double(n)\nwhile True:\n    pass\n")
+    assert not verdict.passed and verdict.ename == "JudgeTimeout"
+    assert any("ran past" in flag for flag in judge.flags)
+    assert judge.test("quick", "@observe(2)\ndef got(n):\n    return double(n)\nassert got == 4\n").passed

@@ -24,15 +24,24 @@ checks it.
 
 from __future__ import annotations
 
+import ast
 import base64
+import builtins
+import hmac
 import json
 import math
 import random
+import time
 
 MIME = "application/vnd.peftlab.probe+json"
 MAX_DEPTH = 32
 MAX_ITEMS = 1_000_000
-MAX_BYTES = 64 << 20  # of one report
+MAX_BYTES = 16 << 20  # of one report (the largest of the course's tests is 1.4 MB: 04's logits)
+MAX_INT_BITS = 14_000  # about 4,200 digits: Python refuses to turn longer ints into text (or back)
+DECODE_SECONDS = 10.0  # the grader's time for reading one report; a 64 MB tensor report takes well under 1 s
+# Python's builtins as they were when this module was first imported (before any student code: the
+# grader's kernel imports it first); test helpers and @observe functions run over these.
+_BUILTINS = dict(builtins.__dict__)
 
 _DTYPES = ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
            "uint16", "uint32", "uint64", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2")
@@ -91,6 +100,8 @@ def encode(value, _depth: int = 0, _count: list | None = None):
     if value is None or kind is bool or kind is str:
         return value
     if kind is int:
+        if value.bit_length() > MAX_INT_BITS:
+            return {"$": "unreadable", "kind": "int", "why": "too many digits"}
         return value
     if kind is float:
         return value if math.isfinite(value) else {"$": "float", "v": repr(value)}
@@ -132,13 +143,14 @@ def _numpy_scalar(value):
     import sys
 
     np = sys.modules.get("numpy")
-    if np is None or not isinstance(value, np.generic):
+    kind = type(value)
+    if np is None or kind.__module__ != "numpy":  # numpy's own scalar types only (exact, no subclass)
         return None
-    if isinstance(value, np.bool_):
+    if kind is np.bool_:
         return bool(value)
-    if isinstance(value, np.integer):
+    if kind in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64):
         return int(value)
-    if isinstance(value, np.floating):
+    if kind in (np.float16, np.float32, np.float64):
         return float(value)
     return None
 
@@ -182,7 +194,47 @@ def loads(text, max_bytes: int = MAX_BYTES):
     return decode(data)
 
 
-def decode(data, _depth: int = 0):
+class _Budget:
+    """Bounds the reading of one report: items, time (checked every 4,096 items) and dict keys whose
+    hashes a kernel could make collide."""
+
+    __slots__ = ("items", "deadline", "keys")
+
+    def __init__(self, seconds: float = DECODE_SECONDS):
+        self.items, self.deadline, self.keys = 0, time.monotonic() + seconds, 0
+
+    def spend(self) -> None:
+        self.items += 1
+        if self.items > MAX_ITEMS + 16:
+            raise ReportError("the report holds too many items")
+        if not self.items & 4095 and time.monotonic() > self.deadline:
+            raise ReportError("the report took too long to read")
+
+    def key(self, value):
+        """``value`` as a dict key. Strings (hashed with the grader's own random seed), booleans, None
+        and ints below 2**60 (each its own hash) cannot be made to collide; any other key (a float,
+        a tuple) could, and a dict of 150,000 keys with one hash takes minutes to build, so a report
+        may hold only `MAX_OTHER_KEYS` of those."""
+        if value is None or type(value) in (str, bool) or (type(value) is int and -_KEY_INT < value < _KEY_INT):
+            return value
+        self.keys += 1
+        if self.keys > MAX_OTHER_KEYS:
+            raise ReportError(f"the report holds more than {MAX_OTHER_KEYS} dict keys that are not strings or ints")
+        try:
+            hash(value)
+        except TypeError:
+            raise ReportError("unhashable dict key") from None
+        return value
+
+
+_KEY_INT = 1 << 60
+MAX_OTHER_KEYS = 256  # the tests' own reports hold at most a few
+
+
+def decode(data, _depth: int = 0, _budget: _Budget | None = None):
+    """Plain data from `encode`'s form. Linear in the size of ``data``, bounded in depth, items and time."""
+    budget = _budget if _budget is not None else _Budget()
+    budget.spend()
     if _depth > MAX_DEPTH + 2:
         raise ReportError("nested too deeply")
     kind = type(data)
@@ -191,22 +243,18 @@ def decode(data, _depth: int = 0):
     if kind is float:
         return data
     if kind is list:
-        return [decode(v, _depth + 1) for v in data]
+        return [decode(v, _depth + 1, budget) for v in data]
     if kind is not dict:
         raise ReportError(f"unexpected {kind.__name__}")
     tag = data.get("$")
     if tag == "tuple":
-        return tuple(decode(v, _depth + 1) for v in _field(data, "v", list))
+        return tuple(decode(v, _depth + 1, budget) for v in _field(data, "v", list))
     if tag == "dict":
         out = {}
         for pair in _field(data, "v", list):
             if type(pair) is not list or len(pair) != 2:
                 raise ReportError("malformed dict entry")
-            key = decode(pair[0], _depth + 1)
-            try:
-                out[key] = decode(pair[1], _depth + 1)
-            except TypeError:  # an unhashable key
-                raise ReportError("unhashable dict key") from None
+            out[budget.key(decode(pair[0], _depth + 1, budget))] = decode(pair[1], _depth + 1, budget)
         return out
     if tag == "float":
         v = _field(data, "v", str)
@@ -344,38 +392,104 @@ def reseed(seed: int = 0) -> None:
 
 
 # The helpers tests call inside @observe functions, as source: the grader sends this text with every
-# observation and defines it afresh there, so a notebook that replaces `raised` or `float_tensors` in
-# its own namespace (or in this module) changes nothing about what a test's call reports.
-HELPERS = '''
-def raised(func, *args, **kwargs):
-    """Call ``func`` and describe the outcome: the exception it raised, or what it returned.
-    NotImplementedError (an unsolved exercise) is not described but passed on."""
-    def short(value):
-        try:
-            text = repr(value)
-        except Exception:
-            text = "<" + type(value).__name__ + ">"
-        return text if len(text) <= 80 else text[:77] + "..."
-    call = getattr(func, "__name__", "function") + "(" + ", ".join(
-        [short(a) for a in args] + [k + "=" + short(v) for k, v in kwargs.items()])[:300] + ")"
+# observation and defines it afresh there, in globals of its own over Python's original builtins, so a
+# notebook that replaces `raised`, `float_tensors` or a builtin they use changes nothing about what a
+# test's call reports.
+#
+# Every call an @observe function makes goes through `__peftlab_call__` (the grader rewrites the
+# function's source so: `trampolined`): the callee runs on a thread of its own, started for that call,
+# whose stack holds only this trampoline. So the student's code sees the same frames above it whether a
+# test checks what it returns or whether it raises (`raised`), whichever test is running. The caller's
+# torch state that is kept per thread (gradient mode, inference mode, saved-tensor hooks) and its
+# context variables go with the call.
+HELPERS = """
+def __peftlab_state__():
+    import sys
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch._C._autograd._top_saved_tensors_default_hooks(True))
+
+
+def __peftlab_bounce__(box):
+    func, args, kwargs, context, state = box[0], box[1], box[2], box[3], box[4]
     try:
-        value = func(*args, **kwargs)
-    except NotImplementedError:
-        raise
-    except Exception as exc:
+        guard = None
+        if state is not None:
+            import sys
+            torch = sys.modules["torch"]
+            torch.set_grad_enabled(state[0])
+            guard = torch._C._InferenceMode(True) if state[1] else None
+            if state[2] is not None:
+                torch._C._autograd._push_saved_tensors_default_hooks(*state[2])
+        box[5] = (True, context.run(func, *args, **kwargs))
+    except BaseException as exc:
+        box[5] = (False, exc)
+
+
+def __peftlab_call__(func, /, *args, **kwargs):
+    \"\"\"Call ``func`` on a fresh thread; (ok, value or exception, func, args, kwargs).\"\"\"
+    import contextvars
+    import threading
+
+    box = [func, args, kwargs, contextvars.copy_context(), __peftlab_state__(), None]
+    thread = threading.Thread(target=__peftlab_bounce__, args=(box,), name="peftlab-call", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError as exc:  # no thread could be started (a process limit)
+        return (False, exc, func, args, kwargs)
+    while True:
         try:
-            message = str(exc)[:1000]
-        except Exception:
-            message = ""
-        kinds = [c.__name__ for c in type(exc).__mro__ if c.__module__ == "builtins"]
-        return {"call": call, "raised": type(exc).__name__, "kinds": kinds, "message": message}
-    return {"call": call, "raised": None, "kinds": [], "message": "", "returned": short(value)}
+            thread.join()
+            break
+        except KeyboardInterrupt:  # the grader's interrupt (a time limit): passed on to the call
+            import ctypes
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+    if box[5] is None:
+        return (False, RuntimeError("the call ended without a result"), func, args, kwargs)
+    return (box[5][0], box[5][1], func, args, kwargs)
+
+
+def __peftlab_value__(outcome):
+    if outcome[0]:
+        return outcome[1]
+    raise outcome[1]
+
+
+def __peftlab_short__(value):
+    outcome = __peftlab_call__(repr, value)
+    text = outcome[1] if outcome[0] and type(outcome[1]) is str else "<" + type(value).__name__ + ">"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def __peftlab_describe__(outcome):
+    \"\"\"What `raised` reports of a call's outcome.\"\"\"
+    ok, value, func, args, kwargs = outcome
+    short = __peftlab_short__
+    call = (getattr(func, "__name__", "function") if type(getattr(func, "__name__", None)) is str else "function")
+    call = call + "(" + ", ".join([short(a) for a in args] + [str(k) + "=" + short(v) for k, v in kwargs.items()])[:300] + ")"
+    if ok:
+        return {"call": call, "raised": None, "kinds": [], "message": "", "returned": short(value)}
+    if isinstance(value, NotImplementedError) or not isinstance(value, Exception):
+        raise value  # an unsolved exercise, or an interrupt: not described but passed on
+    text = __peftlab_call__(str, value)
+    message = text[1][:1000] if text[0] and type(text[1]) is str else ""
+    kinds = [c.__name__ for c in type(value).__mro__ if c.__module__ == "builtins"]
+    return {"call": call, "raised": type(value).__name__, "kinds": kinds, "message": message}
+
+
+def raised(func, *args, **kwargs):
+    \"\"\"Call ``func`` and describe the outcome: the exception it raised, or what it returned.
+    NotImplementedError (an unsolved exercise) is not described but passed on.\"\"\"
+    return __peftlab_describe__(__peftlab_call__(func, *args, **kwargs))
 
 
 def float_tensors(obj, min_numel=1):
-    """Every floating-point tensor with at least ``min_numel`` elements reachable from ``obj`` (a
+    \"\"\"Every floating-point tensor with at least ``min_numel`` elements reachable from ``obj`` (a
     module's parameters, buffers and plain attributes, and inside objects, lists and dicts it holds),
-    as ``(path, tensor)`` pairs: to check that a module keeps no float copy of something."""
+    as ``(path, tensor)`` pairs: to check that a module keeps no float copy of something. Reads
+    objects as they are stored (no attribute hook, iterator or type check of theirs runs).\"\"\"
     import torch
 
     found, seen = [], set()
@@ -384,25 +498,33 @@ def float_tensors(obj, min_numel=1):
         if id(value) in seen or depth > 6:
             return
         seen.add(id(value))
-        if torch.is_tensor(value):
+        kind = type(value)
+        if issubclass(kind, torch.Tensor):
             if value.is_floating_point() and value.numel() >= min_numel:
                 found.append((path, value))
             return
-        if isinstance(value, dict):
-            items = value.items()
-        elif isinstance(value, (list, tuple, set)):
-            items = enumerate(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value) or \\
-                isinstance(value, torch.nn.Module):
-            items = vars(value).items()
-        else:
+        if issubclass(kind, dict):
+            items = list(dict.items(value))
+        elif issubclass(kind, (list, tuple)):
+            items = list(enumerate(list.__iter__(value) if issubclass(kind, list) else tuple.__iter__(value)))
+        elif issubclass(kind, (set, frozenset)):
+            items = list(enumerate(set.__iter__(value) if issubclass(kind, set) else frozenset.__iter__(value)))
+        elif issubclass(kind, type) or issubclass(kind, (int, float, str, bytes, bool)):
             return
+        else:
+            try:
+                attributes = object.__getattribute__(value, "__dict__")
+            except (AttributeError, TypeError):
+                return
+            if type(attributes) is not dict or (callable(value) and not issubclass(kind, torch.nn.Module)):
+                return
+            items = list(dict.items(attributes))
         for key, item in items:
             walk(item, (path + "." + str(key)) if path else str(key), depth + 1)
 
     walk(obj, "", 0)
     return found
-'''
+"""
 exec(HELPERS)  # noqa: S102 - this module's own raised and float_tensors, from the same text
 
 
@@ -421,38 +543,79 @@ def describe_error(exc: BaseException) -> dict:
     return {"type": type(exc).__name__[:100], "kinds": _builtin_kinds(exc), "message": _text(exc)}
 
 
-def call_report(source: str, name: str, arguments: str, namespace: dict, helpers: str = "") -> str:
-    """Define the @observe function ``name`` from ``source`` over the notebook's ``namespace`` (a copy,
-    with the test helpers of ``helpers`` defined afresh on top), call it with the encoded
-    ``arguments`` and return the report: its value, or the error it raised."""
+HELPER_NAMES = ("raised", "float_tensors", "__peftlab_call__", "__peftlab_value__", "__peftlab_describe__")
+
+
+def _check_globals(namespace: dict, helpers: str) -> dict:
+    """Globals for an @observe function: the notebook's names (a copy) over Python's original builtins,
+    less any notebook name that shadows a builtin, plus the helpers defined afresh in globals of
+    their own (so they see no name of the notebook's)."""
+    own = {"__builtins__": dict(_BUILTINS), "__name__": "peftlab.helpers"}
+    exec(compile(helpers or HELPERS, "<test helpers>", "exec"), own)
+    view = {key: value for key, value in dict.items(namespace)
+            if type(key) is str and (key not in _BUILTINS or key.startswith("__"))}
+    view["__builtins__"] = own["__builtins__"]
+    view.update((name, own[name]) for name in HELPER_NAMES)
+    return view
+
+
+def call_report(source: str, name: str, arguments: str, namespace: dict, helpers: str = "", token: str = "") -> str:
+    """Define the @observe function ``name`` from ``source`` over the notebook's ``namespace``
+    (`_check_globals`), call it with the encoded ``arguments`` and return the report, marked with the
+    grader's ``token`` for this call: the returned value, or the error it raised."""
     scope: dict = {}
     try:
-        view = dict(namespace)
-        if helpers:
-            exec(compile(helpers, "<test helpers>", "exec"), view)
-        exec(compile(source, f"<test: {name}>", "exec"), view, scope)
+        view = _check_globals(namespace, helpers)
+        exec(compile(source, "<check>", "exec"), view, scope)
         args, kwargs = loads(arguments)
         reseed()
         value = scope[name](*args, **kwargs)
-        report = {"ok": True, "value": encode(value)}
+        return json.dumps({"ok": True, "value": encode(value), "token": token}, allow_nan=False, separators=(",", ":"))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - SystemExit included: it is the student's
-        report = {"ok": False, "error": describe_error(exc)}
-    return json.dumps(report, allow_nan=False, separators=(",", ":"))
+        return json.dumps({"ok": False, "error": describe_error(exc), "token": token}, separators=(",", ":"))
 
 
-def run(source: str, name: str, arguments: str, helpers: str = "") -> None:
+def run(source: str, name: str, arguments: str, helpers: str = "", token: str = "") -> None:
     """In the student's kernel, sent by the grader: `call_report` in the notebook's namespace, the
     report published as display data of its own type (never shown: the grader collects it)."""
     from IPython import get_ipython
     from IPython.display import publish_display_data
 
-    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns, helpers)})
+    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns, helpers, token)})
 
 
-def read_report(text: str):
-    """The grader's side of `run`: the returned value, or KernelError for what the code raised."""
+# Calls left as they are by `trampolined`: those that need the caller's own frame, and the helper
+# that only reads objects.
+_DIRECT = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec", "float_tensors", *HELPER_NAMES})
+_RAISED = "raised"
+
+
+class _Trampoline(ast.NodeTransformer):
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        func = node.func
+        if isinstance(func, ast.Name) and func.id in _DIRECT - {_RAISED}:
+            return node
+        if isinstance(func, ast.Name) and func.id == _RAISED and node.args and not isinstance(node.args[0], ast.Starred):
+            call = ast.Call(ast.Name("__peftlab_call__", ast.Load()), node.args, node.keywords)
+            return ast.Call(ast.Name("__peftlab_describe__", ast.Load()), [call], [])
+        call = ast.Call(ast.Name("__peftlab_call__", ast.Load()), [func, *node.args], node.keywords)
+        return ast.Call(ast.Name("__peftlab_value__", ast.Load()), [call], [])
+
+
+def trampolined(source: str) -> str:
+    """An @observe function's source with every call it makes (``f(x)``, ``raised(f, x)``) made through
+    the helpers' trampoline (`HELPERS`), so that no call can tell which test, or which kind of check,
+    made it. Run by the grader on the tests' own source."""
+    tree = _Trampoline().visit(ast.parse(source))
+    return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
+
+
+def read_report(text: str, token: str | None = None, seconds: float = DECODE_SECONDS):
+    """The grader's side of `run`: the returned value, or KernelError for what the code raised. With
+    ``token``, only a report marked with it (the one the grader's call asked for) is read."""
     if not isinstance(text, str) or len(text) > MAX_BYTES:
         raise ReportError("report missing or too large")
     try:
@@ -461,10 +624,12 @@ def read_report(text: str):
         raise ReportError("the report is not valid JSON") from None
     if type(data) is not dict or type(data.get("ok")) is not bool:
         raise ReportError("malformed report")
+    if token is not None and not (type(data.get("token")) is str and hmac.compare_digest(data["token"], token)):
+        raise ReportError("a report not made by the grader's call (its token is wrong or missing)")
     if data["ok"]:
         if "value" not in data:
             raise ReportError("malformed report")
-        return decode(data["value"])
+        return decode(data["value"], _budget=_Budget(seconds))
     error = data.get("error")
     if type(error) is not dict or type(error.get("type")) is not str or type(error.get("message", "")) is not str:
         raise ReportError("malformed error report")
