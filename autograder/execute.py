@@ -54,16 +54,19 @@ def integrity():
     probe = sys.modules.get("peftlab.probe")
     import builtins
     return {
-        "builtins": {name: id(value) for name, value in vars(builtins).items() if not name.startswith("_")},
+        # a method the kernel binds afresh for each request (input) is the same function on the same object
+        "builtins": {name: [id(getattr(value, "__func__", value)), id(getattr(value, "__self__", None))]
+                     for name, value in vars(builtins).items() if not name.startswith("_")},
         "trace": sys.gettrace() is not None, "profile": sys.getprofile() is not None,
         "input_transformers": sum(map(from_notebook, [*shell.input_transformers_post, *shell.input_transformers_cleanup])),
         "ast_transformers": sum(map(from_notebook, shell.ast_transformers)),
         "events": sum(from_notebook(f) for hooks in shell.events.callbacks.values() for f in hooks),
         "custom_exceptions": len(shell.custom_exceptions),
-        "probe": [getattr(getattr(probe, "run", None), "__module__", None)] + [
+        "probe": [getattr(getattr(probe, "run", None), "__module__", None), id(getattr(probe, "_ARMED", None))] + [
             __import__("hashlib").sha256(getattr(getattr(probe, f, None), "__code__", None).co_code).hexdigest()
             if hasattr(getattr(probe, f, None), "__code__") else None
-            for f in ("run", "call_report", "_check_globals", "loads", "dumps", "encode", "decode", "reseed")],
+            for f in ("run", "call_report", "_check_globals", "_scrub", "_changed", "_publishing", "arm", "loads", "dumps",
+                      "encode", "decode", "reseed")],
     }
 '''
 INTEGRITY_NAMES = {
@@ -236,7 +239,7 @@ class Session:
             clock = time.monotonic()
             self.kernel.start()
             # The probe first, before any of the student's code: it keeps Python's builtins as they are now.
-            self.kernel.run("import peftlab.probe", store_history=False, keep_outputs=False)
+            self.kernel.run("__import__('peftlab.probe', fromlist=['arm']).arm()", store_history=False, keep_outputs=False)
             timing["kernel_start"] = time.monotonic() - clock
         except Exception as exc:  # noqa: BLE001
             stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"

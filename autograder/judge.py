@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from peftlab import probe
 
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
+# All the reports of one notebook: the course's largest notebook sends 3 MB and 400 items in all.
+NOTEBOOK_REPORT_BYTES = 48 << 20
+NOTEBOOK_REPORT_ITEMS = 200_000
 HIDDEN_FAILED = ("HiddenTestFailed", "a hidden test failed")
 
 
@@ -166,6 +169,7 @@ class Judge:
         self.flags: list[str] = []
         self.phase = "visible"
         self.clock = JudgeClock()
+        self.kept_bytes = self.kept_items = 0
 
     # -- cells ----------------------------------------------------------------------------------
 
@@ -251,7 +255,16 @@ class Judge:
         token = secrets.token_hex(16)  # marks the one report this call asks for
         with self.clock.paused():      # the kernel's time is not the judge's
             report = self.send(source, name, arguments, token)
-        value = probe.read_report(report, token)
+        # What the judge keeps of a notebook's reports is bounded too (values stay until its tests end).
+        self.kept_bytes += len(report) if isinstance(report, str) else 0
+        if self.kept_bytes > NOTEBOOK_REPORT_BYTES or self.kept_items >= NOTEBOOK_REPORT_ITEMS:
+            raise probe.ReportError(f"the notebook's reports passed {NOTEBOOK_REPORT_BYTES >> 20} MB or "
+                                    f"{NOTEBOOK_REPORT_ITEMS:,} items")
+        budget = probe.Budget(most=min(probe.MAX_ITEMS + 16, NOTEBOOK_REPORT_ITEMS - self.kept_items))
+        try:
+            value = probe.read_report(report, token, budget=budget)
+        finally:
+            self.kept_items += budget.items
         self._note_unreadable(value, name)
         return value
 

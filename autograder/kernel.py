@@ -24,6 +24,7 @@ from pathlib import Path
 import nbformat
 
 from autograder import sandbox
+from autograder.relay import RelayClient
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_MIME = "application/vnd.peftlab.probe+json"
@@ -39,82 +40,10 @@ class Limits:
     max_procs: int = 64
     max_output_bytes: int = 1 << 20      # per cell
     max_report_bytes: int = 16 << 20     # one test call's report (peftlab.probe.MAX_BYTES)
-    # What the kernel can make the grader hold: one message (all its parts) at most this large, and
-    # at most `RECEIVE_QUEUE` of them queued per socket; a larger one is refused unread at the socket.
+    # What the kernel can make the grader hold (`autograder.relay`): one message, all its parts, at
+    # most this large (a report and its envelope), and twice that waiting to be read.
     max_message_bytes: int = (16 << 20) + (1 << 20)
     max_runtime_bytes: int = 16 << 20    # what the kernel may write in its (host) socket folder
-
-
-RECEIVE_QUEUE = 4  # messages zmq may queue for the grader on each socket; the rest wait in the kernel
-
-
-class MessageTooLarge(Exception):
-    """A message from the kernel larger than `Limits.max_message_bytes`: read and dropped."""
-
-
-def client_context(limits: "Limits"):
-    """A zmq context whose sockets refuse larger messages than the grader accepts (MAXMSGSIZE: checked
-    on each part's header, before anything is allocated; the connection is dropped and made again)
-    and queue only a few: what the kernel sends beyond them waits in the kernel's own memory."""
-    import zmq
-
-    context = zmq.Context()
-    context.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-    context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
-    return context
-
-
-def bound_channel(channel, limit: int) -> None:
-    """Make ``channel`` read a message part by part, dropping one whose parts add up to more than
-    ``limit`` bytes (raising `MessageTooLarge`) instead of holding them all."""
-    socket, session = channel.socket, channel.session
-
-    def receive(**_):
-        parts, size = [], 0
-        while True:
-            frame = socket.recv(copy=False)
-            size += len(frame)
-            if size <= limit:
-                parts.append(frame.bytes)
-            else:
-                parts = []
-            if not frame.more:
-                break
-        if size > limit:
-            raise MessageTooLarge(f"a message of {size / 2**20:,.0f} MB")
-        _, message = session.feed_identities(parts)
-        return session.deserialize(message)
-
-    channel._recv = receive
-
-
-class Disconnects:
-    """Counts the connections a channel's socket lost: zmq drops one that sent a message over MAXMSGSIZE."""
-
-    def __init__(self, socket):
-        import zmq
-
-        self.monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.socket = socket
-
-    def count(self) -> int:
-        import zmq
-
-        n = 0
-        while self.monitor.poll(0):
-            try:
-                self.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.ZMQError:
-                break
-            n += 1
-        return n
-
-    def close(self) -> None:
-        try:
-            self.socket.disable_monitor()
-        except Exception:  # noqa: BLE001 - the socket may be closed already
-            pass
-        self.monitor.close(linger=0)
 
 
 @dataclass
@@ -202,7 +131,7 @@ class Kernel:
         self._stop = threading.Event()
         self._cell_start_cpu = 0.0
         self._cell_running = False
-        self._disconnects: dict[str, Disconnects] = {}
+        self._disconnects = {"iopub": 0, "shell": 0}  # connections lost that the last look counted
         self.peak_bytes = 0
 
     # -- start and stop -------------------------------------------------------------------------
@@ -268,7 +197,6 @@ class Kernel:
         self._start_cold(kernel_dirs, env, cwd, timeout)
 
     def _start_warm(self, zygote: "Zygote", kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
-        from jupyter_client.blocking import BlockingKernelClient
         from jupyter_client.connect import write_connection_file
 
         runtime = self.folder / "runtime"
@@ -280,9 +208,7 @@ class Kernel:
             raise RuntimeError(f"unexpected kernel command {argv[:2]}")
         self.process = zygote.spawn(argv[2:], env, str(runtime) if self.use_sandbox else cwd)  # the launcher's arguments
         self.pid = self.process.pid
-        self._context = client_context(self.limits)
-        self.kc = BlockingKernelClient(connection_file=connection, context=self._context)
-        self.kc.load_connection_file()
+        self.kc = RelayClient(connection, self.limits.max_message_bytes, 2 * self.limits.max_message_bytes)
         self._ready(timeout)
 
     def _start_cold(self, kernel_dirs: str, env: dict, cwd: str, timeout: float) -> None:
@@ -290,14 +216,17 @@ class Kernel:
         from jupyter_client.manager import KernelManager
 
         runtime = self.folder / "runtime"
-        self._context = client_context(self.limits)  # the manager's sockets and the client's
+        import zmq
+
+        self._context = zmq.Context()
         self.km = KernelManager(kernel_name="peftlab-grader", transport="ipc", ip=str(runtime / "k"), context=self._context,
                                 connection_file=str(runtime / "connection.json"),
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernel_dirs]))
         self.km.start_kernel(env=env, cwd=str(runtime) if self.use_sandbox else cwd,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self.pid = self.km.provisioner.process.pid
-        self.kc = self.km.client(context=self._context)
+        self.km._close_control_socket()  # no socket to the kernel in this process (`autograder.relay`)
+        self.kc = RelayClient(self.km.connection_file, self.limits.max_message_bytes, 2 * self.limits.max_message_bytes)
         self._ready(timeout)
 
     def _ready(self, timeout: float) -> None:
@@ -306,12 +235,6 @@ class Kernel:
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, args=(self._stop,), daemon=True)
         self._watcher.start()
-        # Only the channels the grader reads: an unread channel would queue what the kernel sends.
-        self.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-        for channel in (self.kc.iopub_channel, self.kc.shell_channel):
-            bound_channel(channel, self.limits.max_message_bytes)
-        self._disconnects = {"iopub": Disconnects(self.kc.iopub_channel.socket),
-                             "shell": Disconnects(self.kc.shell_channel.socket)}
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -340,12 +263,9 @@ class Kernel:
 
     def shutdown(self) -> None:
         self._stop.set()
-        for monitor in self._disconnects.values():
-            monitor.close()
-        self._disconnects = {}
         try:
             if self.kc is not None:
-                self.kc.stop_channels()
+                self.kc.close()
             if self.km is not None and self.km.has_kernel:
                 self.km.shutdown_kernel(now=True)
         except Exception:  # noqa: BLE001 - it may be gone already
@@ -431,11 +351,12 @@ class Kernel:
         self._over_time = False
         self._cell_start_cpu = self.tree_cpu()
         self._cell_running = True
-        for monitor in self._disconnects.values():
-            monitor.count()  # connections lost before this run are not this run's
+        self._disconnects = dict(self.kc.disconnects)  # connections lost before this run are not this run's
+        refused = self.kc.refused
         msg_id = self.kc.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
         collected = _Collected(result, msg_id, keep_outputs, expect_report, self.limits)
         interrupted_at, reply = self._wait(collected, start)
+        result.refused += self.kc.refused - refused
         self._cell_running = False
         result.wall_seconds = time.monotonic() - start
         if self.killed:
@@ -461,6 +382,8 @@ class Kernel:
         interrupted_at = reply = replied_at = None
         lost = False
         while not collected.idle:
+            if self.kc.gone and not self.killed:  # the kernel made the relay pass its memory: stopped here
+                self._kill(self.kc.gone)
             if self.killed:
                 break
             now = time.monotonic()
@@ -477,9 +400,6 @@ class Kernel:
                 break  # the idle status went with a dropped connection: the reply says the cell is done
             try:
                 msg = self.kc.get_iopub_msg(timeout=0.2)
-            except MessageTooLarge:
-                collected.result.refused += 1
-                continue
             except Exception:  # noqa: BLE001 - queue.Empty: keep waiting
                 if not self.alive():
                     self.dead = "the kernel died"
@@ -492,9 +412,10 @@ class Kernel:
         return interrupted_at, reply
 
     def _lost(self, channel: str, result: Run) -> bool:
-        """Whether ``channel`` lost its connection since the last look (counted as a refused message)."""
-        monitor = self._disconnects.get(channel)
-        n = monitor.count() if monitor is not None else 0
+        """Whether ``channel`` lost its connection since the last look (counted as a refused message:
+        the relay's zmq drops a connection that sent a part over the size limit)."""
+        now = self.kc.disconnects[channel]
+        n, self._disconnects[channel] = now - self._disconnects[channel], now
         result.refused += n
         return n > 0
 
@@ -504,8 +425,6 @@ class Kernel:
         while True:
             try:
                 reply = self.kc.get_shell_msg(timeout=max(0.0, end - time.monotonic()))
-            except MessageTooLarge:
-                continue
             except Exception:  # noqa: BLE001 - queue.Empty
                 return None
             if reply.get("parent_header", {}).get("msg_id") == msg_id:

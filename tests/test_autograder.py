@@ -461,6 +461,70 @@ def training_memory_bytes(n_params, n_trainable=None, weight_bytes=2, grad_bytes
     return round(n_params * weight_bytes + (n_params if n_trainable is None else n_trainable) * 10)
 '''
 
+# Found by the attack on the changed grader: the request (the test's source and its token) read from the
+# kernel's context variables or its current request, a forged report with that token, the real one dropped.
+STOLEN_TOKEN = '''
+import ast, contextvars
+from IPython.core.interactiveshell import InteractiveShell
+from peftlab import probe as _p
+_MIME = "application/vnd.peftlab" + "." + "probe+json"
+_LIE = "\\ndef __peftlab_describe__(outcome):\\n    return {'call': 'f()', 'raised': 'ValueError', 'kinds': ['ValueError', 'Exception', 'BaseException'], 'message': ''}\\n"
+_seen = set()
+
+def _request():
+    for var, value in contextvars.copy_context().items():
+        if type(value) is dict and type(value.get("content")) is dict and value["content"].get("code"):
+            return value["content"]["code"]
+    parent = getattr(InteractiveShell.instance().kernel, "get_" + "parent")()
+    return parent.get("content", {}).get("code", "")
+
+def _forge():
+    code = _request()
+    if not code.startswith("__import__("):
+        return
+    source, name, arguments, helpers, token = [ast.literal_eval(a) for a in ast.parse(code).body[0].value.args]
+    if token in _seen:
+        return
+    _seen.add(token)
+    pub = getattr(InteractiveShell.instance(), "display" + "_pub")
+    pub.publish(data={_MIME: _p.call_report(source, name, arguments, InteractiveShell.instance().user_ns, helpers + _LIE, token)})
+    send = pub.publish
+    def drop_next(data, *args, **kwargs):
+        if _MIME in data:
+            del pub.publish
+            return
+        return send(data, *args, **kwargs)
+    pub.publish = drop_next
+''' + CALLER_SENSITIVE_MEMORY.replace("if _checked() and", "_forge()\n    if False and")
+STOLEN_TOKEN_FLOPS = CALLER_SENSITIVE_FLOPS.replace("if _checked() and", "_forge()\n    if False and")
+
+# Every report dropped by the display publisher's class (a forged one could then stand in).
+DROPS_THE_REAL_REPORT = '''
+pub_class = type(get_ipython().display_pub)
+send = pub_class.publish
+def drop(self, data, *args, **kwargs):
+    if "application/vnd.peftlab.probe+json" not in data:
+        return send(self, data, *args, **kwargs)
+pub_class.publish = drop
+''' + _answers()[MEMORY_FN]
+
+# The model counted by transformers' LlamaModel (not the exercise's own count).
+LLAMA_MODEL_COUNT = '''
+import torch
+from transformers import LlamaModel
+def llama_param_count(config):
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    return sum(p.numel() for p in model.parameters()) + (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+'''
+
+# A million empty lists as answers: what the grader keeps of a notebook's reports is bounded.
+MILLION_EMPTY_LISTS = '''
+_L = [[] for _ in range(999_000)]
+q1_answer = q2_answer = q3_answer = q4_answer = _L
+'''
+
+
 # Six 400 MB texts, one a cell: what a kernel makes the grader hold is capped at the socket.
 BIG_DISPLAY = '''
 from IPython.display import display
@@ -612,6 +676,12 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "forged_beside_the_real_one": (student(answers={MEMORY_FN: FORGED_BESIDE_THE_REAL_ONE}), FULL - 3,
                                        "more than one report"),
         "six_400_mb_displays": (student(_six_big_displays), FULL, r"larger than 17 MB \(refused unread\)"),
+        # found by the attack on the changed grader
+        "stolen_token": (student(answers={MEMORY_FN: STOLEN_TOKEN, "training_flops": STOLEN_TOKEN_FLOPS}), FULL - 4,
+                         r"inspects the call stack.*contextvars|grader machinery.*probe"),
+        "drops_the_real_report": (student(answers={MEMORY_FN: DROPS_THE_REAL_REPORT}), 0, "display machinery was changed"),
+        "llama_model_count": (student(answers={"llama_param_count": LLAMA_MODEL_COUNT}), FULL - 3, "reference code"),
+        "million_empty_lists": (student(answers={"quiz_answers": MILLION_EMPTY_LISTS}), FULL - 4, None),
     }
 
 
@@ -739,11 +809,13 @@ def test_a_forged_report_costs_the_judge_no_time(graded):
 
 @pytest.mark.slow
 def test_what_a_kernel_sends_does_not_grow_the_grader(graded):
-    """Six 400 MB displays leave the grading process's peak within 1.2 x an honest notebook's."""
+    """Six 400 MB displays, or a million empty lists as answers, leave the grading process's peak within
+    1.2 x an honest notebook's."""
     rows = graded["report"].values()
     honest = [r["worker_peak_mb"] for r in rows if r["status"] == "graded" and not r["flags"] and r["worker_peak_mb"]]
-    big = graded["report"]["six_400_mb_displays"]["worker_peak_mb"]
-    assert honest and big is not None and big <= 1.2 * max(honest), (big, sorted(honest))
+    for name in ("six_400_mb_displays", "million_empty_lists"):
+        big = graded["report"][name]["worker_peak_mb"]
+        assert honest and big is not None and big <= 1.2 * max(honest), (name, big, sorted(honest))
 
 
 def test_distinct_names_stay_distinct_students(graded):

@@ -35,7 +35,7 @@ import time
 
 MIME = "application/vnd.peftlab.probe+json"
 MAX_DEPTH = 32
-MAX_ITEMS = 1_000_000
+MAX_ITEMS = 100_000  # items in one report (the course's tests send at most 177)
 MAX_BYTES = 16 << 20  # of one report (the largest of the course's tests is 1.4 MB: 04's logits)
 MAX_INT_BITS = 14_000  # about 4,200 digits: Python refuses to turn longer ints into text (or back)
 DECODE_SECONDS = 10.0  # the grader's time for reading one report; a 64 MB tensor report takes well under 1 s
@@ -109,12 +109,11 @@ def encode(value, _depth: int = 0, _count: list | None = None):
     if numpy_value is not None:
         return encode(numpy_value, _depth, count)
     if kind is list:
-        return [encode(v, _depth + 1, count) for v in value]
+        return _encode_items(list.__iter__(value), _depth, count)
     if kind is tuple:
-        return {"$": "tuple", "v": [encode(v, _depth + 1, count) for v in value]}
+        return {"$": "tuple", "v": _encode_items(tuple.__iter__(value), _depth, count)}
     if kind is dict or _is_plain_dict(value):
-        return {"$": "dict", "v": [[encode(k, _depth + 1, count), encode(v, _depth + 1, count)]
-                                   for k, v in dict.items(value)]}
+        return {"$": "dict", "v": _encode_items(dict.items(value), _depth, count, pairs=True)}
     torch = _torch()
     if torch is not None:
         if kind is torch.dtype:
@@ -131,6 +130,19 @@ def encode(value, _depth: int = 0, _count: list | None = None):
             why = f"a subclass of {plain.__name__}"
             break
     return {"$": "unreadable", "kind": f"{kind.__module__}.{kind.__qualname__}", "why": why}
+
+
+def _encode_items(items, depth: int, count: list, pairs: bool = False) -> list:
+    """The items of a container, encoded, until the report's item limit: then one last item says so
+    (the rest is not walked, so a huge container costs no more than the limit)."""
+    out = []
+    for item in items:
+        if count[0] > MAX_ITEMS:
+            out.append({"$": "unreadable", "kind": "items", "why": "nested too deeply or too large"})
+            break
+        out.append([encode(item[0], depth + 1, count), encode(item[1], depth + 1, count)] if pairs
+                   else encode(item, depth + 1, count))
+    return out
 
 
 def _torch():
@@ -194,18 +206,18 @@ def loads(text, max_bytes: int = MAX_BYTES):
     return decode(data)
 
 
-class _Budget:
-    """Bounds the reading of one report: items, time (checked every 4,096 items) and dict keys whose
-    hashes a kernel could make collide."""
+class Budget:
+    """Bounds the reading of one report: items (``most``), time (checked every 4,096 items) and dict
+    keys whose hashes a kernel could make collide."""
 
-    __slots__ = ("items", "deadline", "keys")
+    __slots__ = ("items", "most", "deadline", "keys")
 
-    def __init__(self, seconds: float = DECODE_SECONDS):
-        self.items, self.deadline, self.keys = 0, time.monotonic() + seconds, 0
+    def __init__(self, seconds: float = DECODE_SECONDS, most: int = MAX_ITEMS + 16):
+        self.items, self.most, self.deadline, self.keys = 0, most, time.monotonic() + seconds, 0
 
     def spend(self) -> None:
         self.items += 1
-        if self.items > MAX_ITEMS + 16:
+        if self.items > self.most:
             raise ReportError("the report holds too many items")
         if not self.items & 4095 and time.monotonic() > self.deadline:
             raise ReportError("the report took too long to read")
@@ -231,9 +243,9 @@ _KEY_INT = 1 << 60
 MAX_OTHER_KEYS = 256  # the tests' own reports hold at most a few
 
 
-def decode(data, _depth: int = 0, _budget: _Budget | None = None):
+def decode(data, _depth: int = 0, _budget: Budget | None = None):
     """Plain data from `encode`'s form. Linear in the size of ``data``, bounded in depth, items and time."""
-    budget = _budget if _budget is not None else _Budget()
+    budget = _budget if _budget is not None else Budget()
     budget.spend()
     if _depth > MAX_DEPTH + 2:
         raise ReportError("nested too deeply")
@@ -433,7 +445,7 @@ def __peftlab_call__(func, /, *args, **kwargs):
     import contextvars
     import threading
 
-    box = [func, args, kwargs, contextvars.copy_context(), __peftlab_state__(), None]
+    box = [func, args, kwargs, contextvars.Context(), __peftlab_state__(), None]
     thread = threading.Thread(target=__peftlab_bounce__, args=(box,), name="peftlab-call", daemon=True)
     try:
         thread.start()
@@ -579,11 +591,74 @@ def call_report(source: str, name: str, arguments: str, namespace: dict, helpers
 
 def run(source: str, name: str, arguments: str, helpers: str = "", token: str = "") -> None:
     """In the student's kernel, sent by the grader: `call_report` in the notebook's namespace, the
-    report published as display data of its own type (never shown: the grader collects it)."""
+    report published as display data of its own type (never shown: the grader collects it). The
+    request's text, which holds the call's token, is first removed from where the kernel keeps it; a
+    display machinery changed since `arm` raises instead (the grader then refuses the call)."""
     from IPython import get_ipython
-    from IPython.display import publish_display_data
 
-    publish_display_data({MIME: call_report(source, name, arguments, get_ipython().user_ns, helpers, token)})
+    shell = get_ipython()
+    _scrub(shell, token)
+    report = call_report(source, name, arguments, shell.user_ns, helpers, token)
+    changed = _changed(shell)
+    if changed:
+        raise RuntimeError(f"the kernel's display machinery was changed ({changed}): report withheld")
+    _ARMED[1](shell.display_pub, {MIME: report})
+
+
+_ARMED: tuple = ()
+_PUBLISHING = ("publish", "session", "pub_socket", "send", "serialize", "sign", "pack", "msg", "send_multipart")
+
+
+def _publishing(shell) -> tuple:
+    """The objects and class functions a display passes through, as they are now."""
+    pub = shell.display_pub
+    session, socket = getattr(pub, "session", None), getattr(pub, "pub_socket", None)
+    return (pub, type(pub).publish, session, type(session).send, type(session).serialize, socket,
+            getattr(type(socket), "send_multipart", None))
+
+
+def arm() -> None:
+    """Keep the kernel's display machinery as it is (the grader calls this before any student code)."""
+    global _ARMED
+    from IPython import get_ipython
+
+    if not _ARMED:
+        _ARMED = _publishing(get_ipython())
+
+
+def _changed(shell) -> str:
+    """What of the display machinery differs from `arm`'s: replaced objects or class functions, or
+    instance attributes that shadow their methods."""
+    if not _ARMED:
+        return ""
+    now = _publishing(shell)
+    if any(a is not b for a, b in zip(now, _ARMED)):
+        return "replaced"
+    shadowed = [name for obj in (now[0], now[2], now[5]) for name in _PUBLISHING
+                if isinstance(getattr(obj, "__dict__", None), dict) and name in obj.__dict__
+                and name not in ("session", "pub_socket")]
+    return ", ".join(shadowed)
+
+
+def _scrub(shell, token: str) -> None:
+    """Remove the current request's text from the kernel's copies of it (the request itself, the
+    cell's entry in linecache, IPython's execution info): student code cannot find the token there."""
+    import linecache
+
+    if not token:
+        return
+    kernel = getattr(shell, "kernel", None)
+    for parent in [getattr(kernel, "get_parent", lambda *a: None)(), *getattr(kernel, "_parents", {}).values()]:
+        content = parent.get("content") if isinstance(parent, dict) else None
+        if isinstance(content, dict) and token in str(content.get("code", "")):
+            content["code"] = ""
+    for key, entry in list(linecache.cache.items()):
+        if len(entry) > 2 and isinstance(entry[2], list) and any(token in line for line in entry[2][:1]):
+            linecache.cache.pop(key, None)
+    for result in (getattr(getattr(shell, "displayhook", None), "exec_result", None), getattr(shell, "last_execution_result", None)):
+        info = getattr(result, "info", None)
+        if token in str(getattr(info, "raw_cell", "")):
+            info.raw_cell = ""
 
 
 # Calls left as they are by `trampolined`: those that need the caller's own frame, and the helper
@@ -613,7 +688,7 @@ def trampolined(source: str) -> str:
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
-def read_report(text: str, token: str | None = None, seconds: float = DECODE_SECONDS):
+def read_report(text: str, token: str | None = None, seconds: float = DECODE_SECONDS, budget: Budget | None = None):
     """The grader's side of `run`: the returned value, or KernelError for what the code raised. With
     ``token``, only a report marked with it (the one the grader's call asked for) is read."""
     if not isinstance(text, str) or len(text) > MAX_BYTES:
@@ -629,7 +704,7 @@ def read_report(text: str, token: str | None = None, seconds: float = DECODE_SEC
     if data["ok"]:
         if "value" not in data:
             raise ReportError("malformed report")
-        return decode(data["value"], _budget=_Budget(seconds))
+        return decode(data["value"], _budget=budget or Budget(seconds))
     error = data.get("error")
     if type(error) is not dict or type(error.get("type")) is not str or type(error.get("message", "")) is not str:
         raise ReportError("malformed error report")
