@@ -80,7 +80,23 @@ def _receive(socket, limit: int) -> list[bytes] | None:
             return parts if size <= limit else None
 
 
+def _connect(context, info: dict, channel: str, identity: bytes):
+    """A socket of ``channel`` connected to the kernel, and a monitor of its lost connections."""
+    import zmq
+
+    socket = context.socket(zmq.SUB if channel == "iopub" else zmq.DEALER)
+    if channel == "iopub":
+        socket.setsockopt(zmq.SUBSCRIBE, b"")
+    else:
+        socket.setsockopt(zmq.IDENTITY, identity)
+    socket.connect(_url(info, channel))
+    return socket, socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+
 def relay(connection_file: str, limit: int, identity: bytes) -> None:
+    """Pass the kernel's messages to the grader (fd 1) and the grader's requests to the kernel (fd 0).
+    A connection zmq dropped (a part over ``limit``: zmq does not connect again after that) is made
+    afresh at once; what the kernel sent meanwhile is lost, and the grader is told."""
     import zmq
 
     info = json.loads(open(connection_file).read())
@@ -88,16 +104,12 @@ def relay(connection_file: str, limit: int, identity: bytes) -> None:
     context.setsockopt(zmq.MAXMSGSIZE, limit)
     context.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     context.setsockopt(zmq.LINGER, 0)
-    iopub, shell = context.socket(zmq.SUB), context.socket(zmq.DEALER)
-    iopub.setsockopt(zmq.SUBSCRIBE, b"")
-    shell.setsockopt(zmq.IDENTITY, identity)
-    iopub.connect(_url(info, "iopub"))
-    shell.connect(_url(info, "shell"))
-    sockets = {iopub: b"i", shell: b"s"}
-    monitors = {socket.get_monitor_socket(zmq.EVENT_DISCONNECTED): tag for socket, tag in sockets.items()}
+    tags = {"iopub": b"i", "shell": b"s"}
+    channels = {name: _connect(context, info, name, identity) for name in tags}
     poller = zmq.Poller()
-    for socket in (*sockets, *monitors):
+    for socket, monitor in channels.values():
         poller.register(socket, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
     poller.register(0, zmq.POLLIN)
     grader = os.fdopen(0, "rb", buffering=0)
     while True:
@@ -107,13 +119,22 @@ def relay(connection_file: str, limit: int, identity: bytes) -> None:
                     _, parts = _read_record(grader)
                 except EOFError:
                     return  # the grader is done with this kernel
-                shell.send_multipart(parts)
-            elif item in monitors:
-                item.recv_multipart()
-                _write_record(1, b"d", [monitors[item]])
-            else:
-                parts = _receive(item, limit)
-                _write_record(1, sockets[item] if parts is not None else b"r", parts or [sockets[item]])
+                channels["shell"][0].send_multipart(parts)
+                continue
+            for name, (socket, monitor) in list(channels.items()):
+                if item is socket:
+                    parts = _receive(socket, limit)
+                    _write_record(1, tags[name] if parts is not None else b"r", parts or [tags[name]])
+                elif item is monitor:
+                    _write_record(1, b"d", [tags[name]])
+                    for old in (socket, monitor):
+                        poller.unregister(old)
+                    socket.disable_monitor()
+                    monitor.close()
+                    socket.close()
+                    channels[name] = _connect(context, info, name, identity)
+                    for new in channels[name]:
+                        poller.register(new, zmq.POLLIN)
 
 
 def main(argv: list[str]) -> int:

@@ -632,7 +632,7 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "probe_replaced": (student(answers=with_memory(REPLACE_PROBE)), 0, "sent no report"),
         "malformed_report": (student(answers=with_memory(MALFORMED_REPORT)), 0, "malformed report"),
         "report_true_for_everything": (student(answers=with_memory(TRUE_FOR_EVERYTHING)), 0, r"suspicious code \(grader machinery\)"),
-        "display_silenced": (student(answers=with_memory(SILENCE_DISPLAY)), 0, "sent no report"),
+        "display_silenced": (student(answers=with_memory(SILENCE_DISPLAY)), 0, "display machinery was changed"),
         "own_observe_and_helpers": (student(answers=with_memory(OWN_OBSERVE)), FULL - 3, "rebinds test helpers"),
         "shadowed_builtins": (student(answers={"training_flops": SHADOW_BUILTINS + a["training_flops"]}), FULL,
                               "rebinds test helpers"),
@@ -1006,3 +1006,53 @@ def test_the_run_writes_an_item_analysis(graded):
     for line in hidden_test_lines(nbformat.read(SOLUTIONS / NAME / f"{NAME}.ipynb", as_version=4)):
         if len(line) > 20:
             assert line not in page, f"hidden test text in the item analysis: {line}"
+
+
+def _completed(assignment: str, answers: dict | None = None):
+    """``assignment``'s release with the solution's answers (and ``answers`` in place of some)."""
+    solution = nbformat.read(SOLUTIONS / assignment / f"{assignment}.ipynb", as_version=4)
+    given = {c.metadata["nbgrader"]["grade_id"]: "\n".join(line for line in c.source.splitlines() if "### " not in line)
+             for c in solution.cells if c.metadata.get("nbgrader", {}).get("solution")}
+    given.update(answers or {})
+    nb = nbformat.read(COURSE / assignment / f"{assignment}.ipynb", as_version=4)
+    for cell in nb.cells:
+        meta = cell.metadata.get("nbgrader", {})
+        if meta.get("solution") and meta.get("grade_id") in given:
+            cell.source = given[meta["grade_id"]]
+    return nb
+
+
+# A QLoRALinear that keeps a float copy of its weight, in a notebook whose `vars` says no object has attributes.
+BLIND_VARS = """
+def vars(obj=None):
+    return {}
+"""
+KEEPS_A_COPY = """
+_init = QLoRALinear.__init__
+def _keep(self, base, *args, **kwargs):
+    _init(self, base, *args, **kwargs)
+    self.shadow = base.weight.detach().clone()
+QLoRALinear.__init__ = _keep
+"""
+
+
+@pytest.mark.slow
+def test_helpers_are_blind_to_a_shadowed_builtin_in_06(tmp_path):
+    """06's storage test finds the float copy whatever the notebook's `vars` says; the rebinding is flagged."""
+    assignment = "06_qlora"
+    root, inbox = tmp_path / "course-root", tmp_path / "inbox"
+    shutil.copytree(SOLUTIONS / assignment, root / "solutions" / assignment)
+    answer = _completed(assignment).cells
+    solution = next(c.source for c in answer if c.metadata.get("nbgrader", {}).get("grade_id") == "qlora_linear")
+    for name, nb in {"honest": _completed(assignment),
+                     "copy_hidden": _completed(assignment, {"qlora_linear": BLIND_VARS + solution + KEEPS_A_COPY})}.items():
+        (inbox / name).mkdir(parents=True)
+        (inbox / name / f"{assignment}.ipynb").write_text(nbformat.writes(nb))
+    env = {**os.environ, **isolated_env(tmp_path / "home", seeded_cache(tmp_path / "cache")), "PEFTLAB_COURSE_ROOT": str(root)}
+    done = subprocess.run([sys.executable, "-m", "autograder.grade", str(inbox), "--workers", "2", "--quiet"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = {s["name"]: s for s in json.loads((root / "autograder" / "reports" / "report.json").read_text())["submissions"]}
+    assert rows["honest"]["status"] == "graded" and not rows["honest"]["flags"], rows["honest"]
+    assert rows["copy_hidden"]["score"] == rows["honest"]["score"] - 2, rows["copy_hidden"]  # qlora_linear_storage: 2 points
+    assert any("rebinds Python's builtins): vars" in flag for flag in rows["copy_hidden"]["flags"]), rows["copy_hidden"]["flags"]
