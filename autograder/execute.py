@@ -62,11 +62,12 @@ def integrity():
         "ast_transformers": sum(map(from_notebook, shell.ast_transformers)),
         "events": sum(from_notebook(f) for hooks in shell.events.callbacks.values() for f in hooks),
         "custom_exceptions": len(shell.custom_exceptions),
+        "blocked": sorted(set(getattr(probe, "_SEEN", []))),
         "probe": [getattr(getattr(probe, "run", None), "__module__", None), id(getattr(probe, "_ARMED", None))] + [
             __import__("hashlib").sha256(getattr(getattr(probe, f, None), "__code__", None).co_code).hexdigest()
             if hasattr(getattr(probe, f, None), "__code__") else None
-            for f in ("run", "call_report", "_check_globals", "_scrub", "_changed", "_publishing", "arm", "loads", "dumps",
-                      "encode", "decode", "reseed")],
+            for f in ("run", "call_report", "_check_globals", "_scrub", "_changed", "_publishing", "_guard", "arm", "loads",
+                      "dumps", "encode", "decode", "reseed")],
     }
 '''
 INTEGRITY_NAMES = {
@@ -75,6 +76,7 @@ INTEGRITY_NAMES = {
     "events": "IPython event callbacks", "custom_exceptions": "a custom exception handler (set_custom_exc)",
     "probe": "the grader's probe functions (run, call_report, encode, decode)",
     "builtins": "Python's builtins",
+    "blocked": "operations blocked while graded",
 }
 
 
@@ -217,7 +219,9 @@ class Session:
     def compare(self, baseline, now, when: str) -> None:
         if not isinstance(baseline, dict) or not isinstance(now, dict):
             return
-        changed = [INTEGRITY_NAMES[k] for k in INTEGRITY_NAMES if k != "builtins" and baseline.get(k) != now.get(k)]
+        changed = [INTEGRITY_NAMES[k] for k in INTEGRITY_NAMES if k not in ("builtins", "blocked") and baseline.get(k) != now.get(k)]
+        if isinstance(now.get("blocked"), list) and now["blocked"] != baseline.get("blocked"):
+            changed.append(f"{INTEGRITY_NAMES['blocked']} ({', '.join(map(str, now['blocked'][:5]))})")
         before, after = baseline.get("builtins"), now.get("builtins")
         if isinstance(before, dict) and isinstance(after, dict):  # names added later (by a library) do not count
             rebound = sorted(str(name) for name, value in before.items() if after.get(name) != value)

@@ -281,7 +281,7 @@ class Judge:
                 first = min([d.lineno for d in node.decorator_list] + [node.lineno])
                 if first == code.co_firstlineno:
                     lines = text.splitlines()[node.lineno - 1:node.end_lineno]
-                    return probe.trampolined(textwrap.dedent("\n".join(lines))), node.name
+                    return probe.trampolined(textwrap.dedent("\n".join(lines))), probe.CHECK
         raise RuntimeError(f"cannot find the source of @observe function {func.__name__}")
 
     def _note_unreadable(self, value, name: str, depth: int = 0) -> None:

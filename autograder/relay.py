@@ -46,10 +46,15 @@ def _write_record(fd: int, tag: bytes, parts: list[bytes]) -> None:
 
 
 def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    if data is None or len(data) < n:
-        raise EOFError
-    return data
+    """``n`` bytes from ``stream`` (a pipe gives at most its buffer's size a read)."""
+    chunks, left = [], n
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            raise EOFError
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _read_record(stream) -> tuple[bytes, list[bytes]]:

@@ -525,6 +525,35 @@ q1_answer = q2_answer = q3_answer = q4_answer = _L
 '''
 
 
+# Found by the second attack: the waiting test's frames (its name, source and token) read from another
+# thread through a name built at run time, and reports rewritten below the display publisher.
+FRAMES_OF_THE_WAITING_TEST = '''
+import sys, threading
+SEEN = []
+def _peek():
+    try:
+        frame = getattr(sys, "_curr" + "ent_frames")().get(threading.main_thread().ident)
+    except RuntimeError:
+        return
+    while frame is not None:
+        SEEN.append(getattr(frame, "f_loc" + "als").get("token"))
+        frame = getattr(frame, "f_b" + "ack")
+''' + _answers()[MEMORY_FN].replace("    if n_trainable is None:", "    _peek()\n    if n_trainable is None:", 1)
+
+PACK_REWRITES_REPORTS = '''
+import IPython, json as _json
+_session = getattr(getattr(getattr(IPython, "get_" + "ipython")(), "display" + "_pub"), "sess" + "ion")
+_pack = _session.pack
+def _rewrite(obj):
+    data = obj.get("data") if isinstance(obj, dict) else None
+    for key in list(data or {}):
+        if "pro" + "be" in key:
+            data[key] = data[key].replace(\'"raised":null\', \'"raised":"ValueError"\')
+    return _pack(obj)
+setattr(_session, "pa" + "ck", _rewrite)
+''' + _answers()[MEMORY_FN]
+
+
 # Six 400 MB texts, one a cell: what a kernel makes the grader hold is capped at the socket.
 BIG_DISPLAY = '''
 from IPython.display import display
@@ -628,7 +657,7 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "ast_transformer": (student(answers=with_memory(AST_TRANSFORMER)), FULL - 3, "IPython AST transformers"),
         "run_cell_hooks": (student(answers=with_memory(RUN_CELL_HOOKS)), FULL - 3, "IPython event callbacks"),
         "custom_exception_handler": (student(answers=with_memory(CUSTOM_EXC)), FULL - 3, "custom exception handler"),
-        "settrace_and_setprofile": (student(answers=with_memory(SETTRACE)), FULL - 3, "tracing hook"),
+        "settrace_and_setprofile": (student(answers=with_memory(SETTRACE)), FULL - 3, "tracing hook|sys.settrace"),
         "probe_replaced": (student(answers=with_memory(REPLACE_PROBE)), 0, "sent no report"),
         "malformed_report": (student(answers=with_memory(MALFORMED_REPORT)), 0, "malformed report"),
         "report_true_for_everything": (student(answers=with_memory(TRUE_FOR_EVERYTHING)), 0, r"suspicious code \(grader machinery\)"),
@@ -682,6 +711,9 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "drops_the_real_report": (student(answers={MEMORY_FN: DROPS_THE_REAL_REPORT}), 0, "display machinery was changed"),
         "llama_model_count": (student(answers={"llama_param_count": LLAMA_MODEL_COUNT}), FULL - 3, "reference code"),
         "million_empty_lists": (student(answers={"quiz_answers": MILLION_EMPTY_LISTS}), FULL - 4, None),
+        "frames_of_the_waiting_test": (student(answers={MEMORY_FN: FRAMES_OF_THE_WAITING_TEST}), FULL,
+                                       r"operations blocked while graded \(sys._current_frames\)"),
+        "pack_rewrites_reports": (student(answers={MEMORY_FN: PACK_REWRITES_REPORTS}), 0, "display machinery was changed"),
     }
 
 

@@ -609,21 +609,47 @@ _ARMED: tuple = ()
 _PUBLISHING = ("publish", "session", "pub_socket", "send", "serialize", "sign", "pack", "msg", "send_multipart")
 
 
+_SESSION_TRAITS = ("pack", "unpack", "auth", "key", "digest_mod", "signature_scheme", "session", "bsession", "packer")
+
+
 def _publishing(shell) -> tuple:
-    """The objects and class functions a display passes through, as they are now."""
+    """The objects, class functions and settings a display passes through, as they are now."""
     pub = shell.display_pub
     session, socket = getattr(pub, "session", None), getattr(pub, "pub_socket", None)
-    return (pub, type(pub).publish, session, type(session).send, type(session).serialize, socket,
-            getattr(type(socket), "send_multipart", None))
+    thread = getattr(socket, "io_thread", None)
+    traits = getattr(session, "_trait_values", {})
+    return (pub, type(pub).publish, session, type(session).send, type(session).serialize, type(session).sign,
+            type(session).msg, socket, getattr(type(socket), "send_multipart", None), thread,
+            *(getattr(type(thread), name, None) for name in ("send_multipart", "schedule", "_really_send")),
+            *(traits.get(name) for name in _SESSION_TRAITS))
+
+
+# Operations that reach other threads' frames, every object, or the process's memory: a test's call
+# (its token, its source) waits on the main thread's stack while the student's code runs.
+_BLOCKED = frozenset({"sys._current_frames", "sys._current_exceptions", "gc.get_objects", "gc.get_referrers",
+                      "gc.get_referents", "sys.settrace", "sys.setprofile"})
+_SEEN: list = []
+
+
+def _guard(event: str, args: tuple) -> None:
+    if event in _BLOCKED or (event == "open" and args and isinstance(args[0], (str, bytes))
+                             and str(args[0]).startswith(("/proc/", "b'/proc/")) and str(args[0]).rstrip("'").endswith("/mem")):
+        if len(_SEEN) < 64:
+            _SEEN.append(event)
+        raise RuntimeError(f"{event} is not available while work is graded")
 
 
 def arm() -> None:
-    """Keep the kernel's display machinery as it is (the grader calls this before any student code)."""
+    """Keep the kernel's display machinery as it is, and block the operations in `_BLOCKED` from now
+    on (an audit hook: Python cannot remove one). The grader calls this before any student code."""
     global _ARMED
+    import sys
+
     from IPython import get_ipython
 
     if not _ARMED:
         _ARMED = _publishing(get_ipython())
+        sys.addaudithook(_guard)
 
 
 def _changed(shell) -> str:
@@ -634,7 +660,7 @@ def _changed(shell) -> str:
     now = _publishing(shell)
     if any(a is not b for a, b in zip(now, _ARMED)):
         return "replaced"
-    shadowed = [name for obj in (now[0], now[2], now[5]) for name in _PUBLISHING
+    shadowed = [name for obj in (now[0], now[2], now[7]) for name in _PUBLISHING
                 if isinstance(getattr(obj, "__dict__", None), dict) and name in obj.__dict__
                 and name not in ("session", "pub_socket")]
     return ", ".join(shadowed)
@@ -680,11 +706,17 @@ class _Trampoline(ast.NodeTransformer):
         return ast.Call(ast.Name("__peftlab_value__", ast.Load()), [call], [])
 
 
+CHECK = "check"  # every @observe function's name in the kernel: the name says nothing of the test
+
+
 def trampolined(source: str) -> str:
     """An @observe function's source with every call it makes (``f(x)``, ``raised(f, x)``) made through
-    the helpers' trampoline (`HELPERS`), so that no call can tell which test, or which kind of check,
-    made it. Run by the grader on the tests' own source."""
+    the helpers' trampoline (`HELPERS`), and the function named `CHECK`, so that no call can tell which
+    test, or which kind of check, made it. Run by the grader on the tests' own source."""
     tree = _Trampoline().visit(ast.parse(source))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            node.name = CHECK
     return ast.unparse(ast.fix_missing_locations(tree)) + "\n"
 
 
