@@ -12,7 +12,6 @@ Nothing here executes student code.
 
 from __future__ import annotations
 
-import ast
 import bisect
 import builtins
 import copy
@@ -286,28 +285,9 @@ def rebound_builtins(source: str) -> set[str]:
     """Builtin names a cell binds in the notebook's namespace (assignment, ``def``, ``class``, import,
     loop variable...): at its top level, not inside functions, where such names are only local."""
     try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError, RecursionError):
+        return bound_names(source) & BUILTIN_NAMES
+    except (RecursionError, ValueError, MemoryError):  # a source too deeply nested to read
         return set()
-    found = set()
-
-    def visit(node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            found.add(node.name)
-            for decorator in node.decorator_list:
-                visit(decorator)
-            return
-        if isinstance(node, ast.Lambda):
-            return
-        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
-            found.add(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            found.update((a.asname or a.name).split(".")[0] for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return found & BUILTIN_NAMES
 
 
 _SCRIPT_URL = re.compile(r"(?i)\b(j\s*a\s*v\s*a\s*s\s*c\s*r\s*i\s*p\s*t|v\s*b\s*s\s*c\s*r\s*i\s*p\s*t)\s*:")

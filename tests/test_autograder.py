@@ -685,7 +685,8 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
                                 FULL - 1, None),
         # found by a review that attacked this grader (each scored points it should not, or hurt the run)
         "sloppy": (student(answers=SLOPPY), FULL - 2, None),
-        "sloppy_with_emptied_hidden_lists": (student(answers={MEMORY_FN: EMPTY_HIDDEN_LISTS + SLOPPY[MEMORY_FN]}), FULL - 10,
+        # targets the hidden calls by their @observe name, which the kernel no longer sees: graded as sloppy
+        "sloppy_with_emptied_hidden_lists": (student(answers={MEMORY_FN: EMPTY_HIDDEN_LISTS + SLOPPY[MEMORY_FN]}), FULL - 2,
                                              r"grader machinery|probe functions"),
         "fake_raised": (student(answers={MEMORY_FN: FAKE_RAISED}), FULL - 1, "redefines a test helper"),
         "oracle_alias": (student(answers={"llama_param_count": ORACLE_ALIAS}), FULL - 3, "reference code"),
