@@ -356,6 +356,8 @@ class Kernel:
         msg_id = self.kc.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
         collected = _Collected(result, msg_id, keep_outputs, expect_report, self.limits)
         interrupted_at, reply = self._wait(collected, start)
+        if expect_report and not result.report_count:  # a report refused as too large: the relay may say so a moment later
+            self._settle(result)
         result.refused += self.kc.refused - refused
         self._cell_running = False
         result.wall_seconds = time.monotonic() - start
@@ -410,6 +412,15 @@ class Kernel:
                 continue
             collected.take(msg)
         return interrupted_at, reply
+
+    def _settle(self, result: Run, seconds: float = 1.0) -> None:
+        """Wait up to ``seconds`` for the relay's word on a message it dropped (counted in ``result``)."""
+        end = time.monotonic() + seconds
+        refused = self.kc.refused
+        while time.monotonic() < end:
+            if self.kc.refused != refused or self._lost("iopub", result) or self._lost("shell", result):
+                return
+            time.sleep(0.05)
 
     def _lost(self, channel: str, result: Run) -> bool:
         """Whether ``channel`` lost its connection since the last look (counted as a refused message:

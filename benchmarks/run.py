@@ -158,6 +158,12 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
         seconds = _grade(tmp, env, complete, workers, report=graded if workers == 1 else None)
         rows.append((f"grading command: one complete student ({len(list(complete.rglob('*.ipynb')))} notebooks), "
                      f"{workers} worker(s)", f"{seconds:.1f} s ({60 / seconds:.2f} students/min)", ""))
+    subs = graded.get("submissions", [])
+    flags = sorted({flag for s in subs for flag in s.get("flags", [])})
+    peaks = [s["worker_peak_mb"] for s in subs if s.get("worker_peak_mb")]
+    rows.append(("  the complete student (1 worker): points, flags, the grading process's peak memory",
+                 f"{sum(s.get('score') or 0 for s in subs):g} points, {len(flags)} flags{': ' + '; '.join(flags) if flags else ''}",
+                 f"{max(peaks):,.0f} MB" if peaks else ""))
     floor_rows(env, rows, graded)
     klass = tmp / "inbox-class"
     for i in range(8):

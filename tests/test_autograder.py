@@ -553,6 +553,17 @@ def _rewrite(obj):
 setattr(_session, "pa" + "ck", _rewrite)
 ''' + _answers()[MEMORY_FN]
 
+# A signal handler runs on the main thread, where the test's call waits: its frame argument leads there.
+SIGNAL_HANDLER_READS_FRAMES = '''
+import os, signal
+FOUND = []
+def _look(signum, frame):
+    while frame is not None:
+        FOUND.append(frame.f_locals.get("token"))
+        frame = frame.f_back
+signal.signal(signal.SIGUSR1, _look)
+''' + _answers()[MEMORY_FN].replace("    if n_trainable is None:", "    os.kill(os.getpid(), signal.SIGUSR1)\n    if n_trainable is None:", 1)
+
 
 # Six 400 MB texts, one a cell: what a kernel makes the grader hold is capped at the socket.
 BIG_DISPLAY = '''
@@ -715,6 +726,8 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
         "frames_of_the_waiting_test": (student(answers={MEMORY_FN: FRAMES_OF_THE_WAITING_TEST}), FULL,
                                        r"operations blocked while graded \(sys._current_frames\)"),
         "pack_rewrites_reports": (student(answers={MEMORY_FN: PACK_REWRITES_REPORTS}), 0, "display machinery was changed"),
+        "signal_handler_reads_frames": (student(answers={MEMORY_FN: SIGNAL_HANDLER_READS_FRAMES}), 0,
+                                        r"display machinery was changed \(signal handlers\)"),
     }
 
 

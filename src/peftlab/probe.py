@@ -598,6 +598,9 @@ def run(source: str, name: str, arguments: str, helpers: str = "", token: str = 
 
     shell = get_ipython()
     _scrub(shell, token)
+    changed = _changed(shell)  # before the student's code runs too: a signal handler would see this frame
+    if changed:
+        raise RuntimeError(f"the kernel's display machinery was changed ({changed}): not run")
     report = call_report(source, name, arguments, shell.user_ns, helpers, token)
     changed = _changed(shell)
     if changed:
@@ -621,7 +624,15 @@ def _publishing(shell) -> tuple:
     return (pub, type(pub).publish, session, type(session).send, type(session).serialize, type(session).sign,
             type(session).msg, socket, getattr(type(socket), "send_multipart", None), thread,
             *(getattr(type(thread), name, None) for name in ("send_multipart", "schedule", "_really_send")),
-            *(traits.get(name) for name in _SESSION_TRAITS))
+            *(traits.get(name) for name in _SESSION_TRAITS), *_signal_handlers())
+
+
+def _signal_handlers() -> tuple:
+    """The signal handlers (a handler runs on the main thread, where a test's call waits: its frame is
+    the handler's argument), SIGINT aside: the kernel sets that one itself around each request."""
+    import signal
+
+    return tuple(signal.getsignal(s) for s in sorted(signal.valid_signals()) if s != signal.SIGINT)
 
 
 # Operations that reach other threads' frames, every object, or the process's memory: a test's call
@@ -658,6 +669,9 @@ def _changed(shell) -> str:
     if not _ARMED:
         return ""
     now = _publishing(shell)
+    signals = len(_signal_handlers())
+    if any(a is not b for a, b in zip(now[-signals:], _ARMED[-signals:])):
+        return "signal handlers"
     if any(a is not b for a, b in zip(now, _ARMED)):
         return "replaced"
     shadowed = [name for obj in (now[0], now[2], now[7]) for name in _PUBLISHING
