@@ -305,3 +305,24 @@ def test_encoding_stops_walking_at_the_item_limit():
     assert time.monotonic() - start < 1 and len(encoded) == probe.MAX_ITEMS + 1
     back = probe.decode(encoded)
     assert isinstance(back[-1], probe.Unreadable) and back[:3] == [[], [], []]
+
+
+def test_the_trampoline_uses_the_callers_thread_count():
+    """An operation's result depends on how many threads compute it (to the last bit): a call made on
+    the trampoline's thread uses the caller's count, as the judge's reference does."""
+    import threading
+
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    before = torch.get_num_threads()
+    wanted = 1 if seen[0] > 1 else 2  # not what a new thread starts with
+    torch.set_num_threads(wanted)
+    try:
+        kernel = LocalKernel()
+        kernel.run("import torch\ndef count():\n    return torch.get_num_threads()\n")
+        report = kernel.send(probe.trampolined("def got():\n    return count()\n"), probe.CHECK, probe.dumps(((), {})), "k")
+        assert probe.read_report(report, "k") == wanted
+    finally:
+        torch.set_num_threads(before)

@@ -421,7 +421,7 @@ def __peftlab_state__():
     if torch is None:
         return None
     return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            torch._C._autograd._top_saved_tensors_default_hooks(True))
+            torch._C._autograd._top_saved_tensors_default_hooks(True), torch.get_num_threads())
 
 
 def __peftlab_bounce__(box):
@@ -431,6 +431,8 @@ def __peftlab_bounce__(box):
         if state is not None:
             import sys
             torch = sys.modules["torch"]
+            if torch.get_num_threads() != state[3]:  # OpenMP's count is per thread: results depend on it
+                torch.set_num_threads(state[3])
             torch.set_grad_enabled(state[0])
             guard = torch._C._InferenceMode(True) if state[1] else None
             if state[2] is not None:
