@@ -172,7 +172,7 @@ class Session:
         code = (f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r}, "
                 f"{HELPERS!r}, {token!r})")
         run = self.kernel.run(code, store_history=False, keep_outputs=visible, expect_report=True)
-        self._note_refused(run)
+        self._note_refused(run.refused if run.status != "dead" else 0)
         if visible:
             self.printed += [o.get("text", "") for o in run.outputs if o.get("output_type") == "stream"]
         if run.status == "timeout":
@@ -202,8 +202,8 @@ class Session:
             raise ProbeFailed("NoResult", "your notebook did not report what the test's call returned")
         return reports[-1]
 
-    def _note_refused(self, run) -> None:
-        if run.refused and run.status != "dead":
+    def _note_refused(self, refused: int) -> None:
+        if refused:
             self.flags.append(f"the kernel sent messages larger than {self.kernel.limits.max_message_bytes >> 20} MB "
                               "(refused unread)")
 
@@ -277,7 +277,7 @@ class Session:
                 continue
             clock = time.monotonic()
             run = self.kernel.run(cell.source)
-            self._note_refused(run)
+            self._note_refused(run.refused if run.status != "dead" else 0)
             timing["imports" if cell.get("id") == "imports" else "cells"] += time.monotonic() - clock
             cell.outputs = sanitize(run.outputs)
             if run.capped:
@@ -319,6 +319,8 @@ class Session:
             cell.outputs = _verdict_outputs(verdict, printed.get(index, ""))
         self.flags += self.judge.flags
         self.notes += self.kernel.notes
+        if not self.kernel.dead and not stopped:  # the relay's word on a message may come after its cell's end
+            self._note_refused(self.kernel.refused_in_all())
         if self.kernel.dead and not stopped:
             self.flags.append(self.kernel.dead)
         _cap_notebook(nb, self.notes)

@@ -413,6 +413,10 @@ class Kernel:
             collected.take(msg)
         return interrupted_at, reply
 
+    def refused_in_all(self) -> int:
+        """Messages the relay dropped, and connections it lost, since the kernel started."""
+        return (self.kc.refused + sum(self.kc.disconnects.values())) if isinstance(self.kc, RelayClient) else 0
+
     def _settle(self, result: Run, seconds: float = 1.0) -> None:
         """Wait up to ``seconds`` for the relay's word on a message it dropped (counted in ``result``)."""
         end = time.monotonic() + seconds
