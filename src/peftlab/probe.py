@@ -30,7 +30,9 @@ import builtins
 import hmac
 import json
 import math
+import os
 import random
+import re
 import time
 
 MIME = "application/vnd.peftlab.probe+json"
@@ -611,7 +613,7 @@ def run(source: str, name: str, arguments: str, helpers: str = "", token: str = 
 
 
 _ARMED: tuple = ()
-_PUBLISHING = ("publish", "session", "pub_socket", "send", "serialize", "sign", "pack", "msg", "send_multipart")
+_PUBLISHING = ("publish", "send", "serialize", "sign", "pack", "msg", "send_multipart")  # methods an instance may shadow
 
 
 _SESSION_TRAITS = ("pack", "unpack", "auth", "key", "digest_mod", "signature_scheme", "session", "bsession", "packer")
@@ -644,9 +646,12 @@ _BLOCKED = frozenset({"sys._current_frames", "sys._current_exceptions", "gc.get_
 _SEEN: list = []
 
 
+_PROCESS_MEMORY = re.compile(r"/proc/[^/]+(/task/[^/]+)?/mem")
+
+
 def _guard(event: str, args: tuple) -> None:
-    if event in _BLOCKED or (event == "open" and args and isinstance(args[0], (str, bytes))
-                             and str(args[0]).startswith(("/proc/", "b'/proc/")) and str(args[0]).rstrip("'").endswith("/mem")):
+    path = args[0] if event == "open" and args and isinstance(args[0], (str, bytes)) else ""
+    if event in _BLOCKED or (path and _PROCESS_MEMORY.fullmatch(os.fsdecode(path))):
         if len(_SEEN) < 64:
             _SEEN.append(event)
         raise RuntimeError(f"{event} is not available while work is graded")
@@ -677,8 +682,7 @@ def _changed(shell) -> str:
     if any(a is not b for a, b in zip(now, _ARMED)):
         return "replaced"
     shadowed = [name for obj in (now[0], now[2], now[7]) for name in _PUBLISHING
-                if isinstance(getattr(obj, "__dict__", None), dict) and name in obj.__dict__
-                and name not in ("session", "pub_socket")]
+                if isinstance(getattr(obj, "__dict__", None), dict) and name in obj.__dict__]
     return ", ".join(shadowed)
 
 
@@ -690,10 +694,10 @@ def _scrub(shell, token: str) -> None:
     if not token:
         return
     kernel = getattr(shell, "kernel", None)
-    for parent in [getattr(kernel, "get_parent", lambda *a: None)(), *getattr(kernel, "_parents", {}).values()]:
-        content = parent.get("content") if isinstance(parent, dict) else None
-        if isinstance(content, dict) and token in str(content.get("code", "")):
-            content["code"] = ""
+    parent = getattr(kernel, "get_parent", lambda *a: None)()  # one dict, which the kernel's context variables share
+    content = parent.get("content") if isinstance(parent, dict) else None
+    if isinstance(content, dict) and token in str(content.get("code", "")):
+        content["code"] = ""
     for key, entry in list(linecache.cache.items()):
         if len(entry) > 2 and isinstance(entry[2], list) and any(token in line for line in entry[2][:1]):
             linecache.cache.pop(key, None)
@@ -705,7 +709,8 @@ def _scrub(shell, token: str) -> None:
 
 # Calls left as they are by `trampolined`: those that need the caller's own frame, and the helper
 # that only reads objects.
-_DIRECT = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec", "float_tensors", *HELPER_NAMES})
+_DIRECT = frozenset({"super", "locals", "globals", "vars", "dir", "eval", "exec", "float_tensors", "__peftlab_call__",
+                     "__peftlab_value__", "__peftlab_describe__"})
 _RAISED = "raised"
 
 
@@ -713,7 +718,7 @@ class _Trampoline(ast.NodeTransformer):
     def visit_Call(self, node):
         self.generic_visit(node)
         func = node.func
-        if isinstance(func, ast.Name) and func.id in _DIRECT - {_RAISED}:
+        if isinstance(func, ast.Name) and func.id in _DIRECT:
             return node
         if isinstance(func, ast.Name) and func.id == _RAISED and node.args and not isinstance(node.args[0], ast.Starred):
             call = ast.Call(ast.Name("__peftlab_call__", ast.Load()), node.args, node.keywords)
