@@ -152,7 +152,8 @@ class Session:
         limits = Limits(cell_cpu_seconds=job["cell_timeout"], cell_wall_seconds=job.get("cell_wall", job["cell_timeout"] * 5),
                         memory_mb=job["memory_mb"], max_procs=job.get("max_procs", 64))
         self.kernel = Kernel(Path(job["folder"]) / "k", limits, use_sandbox=job["sandbox"],
-                             expose=job.get("expose", []), threads=job.get("threads", 1), warm=job.get("warm", False))
+                             expose=job.get("expose", []), threads=job.get("threads", 1), warm=job.get("warm", False),
+                             left_out=job.get("left_out", []))
         self.judge = Judge(self.send, set(job.get("student_names", [])))
         self.flags: list[str] = []
         self.notes: list[str] = []

@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autograder import items  # noqa: E402
+from autograder import oracles  # noqa: E402
 from autograder import prepare as prep  # noqa: E402
 from autograder import sandbox  # noqa: E402
 from autograder.execute import _error_output, _is_test  # noqa: E402
@@ -530,6 +531,7 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                    "cell_timeout": cell_timeout, "notebook_timeout": notebook_timeout,
                    "memory_mb": int(memory_gb * 1024), "sandbox": use_sandbox, "expose": list(expose or []),
                    "max_procs": max_procs, "student_names": prep.student_names(source),
+                   "left_out": oracles.left_out(source),
                    "threads": threads, "warm": warm}
             jobs.append(job)
             by_job[job["folder"]] = sub

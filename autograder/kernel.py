@@ -121,9 +121,9 @@ class Kernel:
     """A sandboxed ipykernel for one submission; ``folder`` is the job's private folder."""
 
     def __init__(self, folder: Path, limits: Limits, *, use_sandbox: bool, expose: list[str] = (),
-                 threads: int = 1, warm: bool = False):
+                 threads: int = 1, warm: bool = False, left_out: list[str] = ()):
         self.folder, self.limits, self.use_sandbox = folder, limits, use_sandbox
-        self.expose, self.threads, self.warm = list(expose), threads, warm
+        self.expose, self.threads, self.warm, self.left_out = list(expose), threads, warm, list(left_out)
         self.km = self.kc = self.process = self._context = self.pid = None
         self.dead: str | None = None     # why the kernel can no longer be used
         self.killed: str | None = None   # set by the watcher
@@ -151,7 +151,8 @@ class Kernel:
                          "--max-tasks", str(4 * self.limits.max_procs + 2 * self.threads + 64)]
             for path in sandbox_read_only(self.expose):
                 launcher += ["--ro", path]
-            for replacement, path in reference_covers(self.folder / "covers"):
+            covers = reference_covers(self.folder / "covers") + library_covers(self.folder / "covers", self.left_out)
+            for replacement, path in covers:
                 launcher += ["--cover", replacement, path]
         else:
             home = str(self.folder / "home")
@@ -550,6 +551,36 @@ def reference_covers(folder: Path) -> list[tuple[str, str]]:
     cache = Path(origin).parent / "__pycache__"
     for compiled in sorted(cache.glob("reference.*.pyc")) if cache.is_dir() else []:
         pairs.append((str(empty), str(compiled.resolve())))
+    return pairs
+
+
+LIBRARY_STUB = '''"""{name} while this notebook is graded: left out of the sandbox."""
+
+raise ImportError("{name} is not available while this notebook is graded: its exercises ask for your own "
+                  "implementation, and the tests compare your answers with {name} in the grader")
+'''
+
+
+def library_covers(folder: Path, names: list[str]) -> list[tuple[str, str]]:
+    """``(replacement, path)`` pairs that leave the libraries ``names`` out of the sandbox: each one's
+    package folder (or single-file module) is shown as a package whose import raises ImportError, so
+    no file of the real library can be opened, whatever name or path the student's code builds. Its
+    installed metadata stays: transformers then takes the library for present, and only imports it
+    to load adapters (`transformers.integrations.peft`), which no graded cell does."""
+    import importlib.util
+
+    pairs = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin and not spec.submodule_search_locations:
+            continue
+        stub = folder / "left-out" / name
+        stub.mkdir(parents=True, exist_ok=True)
+        (stub / "__init__.py").write_text(LIBRARY_STUB.replace("{name}", name))
+        if spec.submodule_search_locations:
+            pairs += [(str(stub), os.path.realpath(path)) for path in spec.submodule_search_locations]
+        else:
+            pairs.append((str(stub / "__init__.py"), os.path.realpath(spec.origin)))
     return pairs
 
 

@@ -124,7 +124,8 @@ def _place(root: str, path: str, fd: int) -> None:
 
 def build_root(root: str, ro: list[str], rw: list[str], covers: list[tuple[str, str]] = ()) -> None:
     """In the new mount namespace: an empty tmpfs at ``root`` holding only the allowed paths, with
-    each ``(replacement, path)`` of ``covers`` shown read-only in place of the file at ``path``."""
+    each ``(replacement, path)`` of ``covers`` shown read-only in place of the file or folder at ``path``
+    (a folder replaces the whole folder: nothing of the original is left to open)."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     wanted = [(os.path.realpath(p), True) for p in ro] + [(os.path.realpath(p), False) for p in rw]
     clones = []  # taken before anything is covered: the sources may lie anywhere, /tmp included
@@ -136,7 +137,7 @@ def build_root(root: str, ro: list[str], rw: list[str], covers: list[tuple[str, 
     devices = [(f"/dev/{d}", _clone_tree(f"/dev/{d}", False, devices=True)) for d in DEVICES if os.path.exists(f"/dev/{d}")]
     etc = [(p, _clone_tree(p, True)) for p in ("/etc/ld.so.cache",) if os.path.isfile(p)]
     covered = [(os.path.realpath(path), _clone_tree(replacement, True)) for replacement, path in covers
-               if os.path.isfile(replacement) and os.path.isfile(path)]
+               if os.path.exists(path) and os.path.isdir(replacement) == os.path.isdir(path)]
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
     # /bin, /lib, ... are symlinks into /usr on most distributions: the same links in the new root.
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -147,8 +148,8 @@ def build_root(root: str, ro: list[str], rw: list[str], covers: list[tuple[str, 
         _mount("tmpfs", root + private, "tmpfs", MS_NOSUID | MS_NODEV, "size=128m,mode=1777")
     for path, fd in sorted(clones, key=lambda item: len(item[0])):
         _place(root, path, fd)
-    for path, fd in covered:  # over files the clones brought; the mounts are locked like the others
-        if os.path.isfile(root + path):
+    for path, fd in covered:  # over what the clones brought; the mounts are locked like the others
+        if os.path.exists(root + path):
             _syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, (root + path).encode(), MOVE_MOUNT_F_EMPTY_PATH)
         os.close(fd)
     os.makedirs(root + "/dev", exist_ok=True)
@@ -267,8 +268,8 @@ def main(argv: list[str] | None = None, run=None) -> int:
     parser.add_argument("--ro", action="append", default=[], help="a path to show read-only (repeatable)")
     parser.add_argument("--rw", action="append", default=[], help="a path to show writable (repeatable)")
     parser.add_argument("--readable", action="append", default=[], help="a file the sandbox's user must read")
-    parser.add_argument("--cover", action="append", nargs=2, default=[], metavar=("REPLACEMENT", "FILE"),
-                        help="show REPLACEMENT in place of FILE, read-only (repeatable)")
+    parser.add_argument("--cover", action="append", nargs=2, default=[], metavar=("REPLACEMENT", "PATH"),
+                        help="show REPLACEMENT (a file, or a folder) in place of PATH, read-only (repeatable)")
     parser.add_argument("--cwd", default="/home/student/work")
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--max-tasks", type=int, default=None, help="RLIMIT_NPROC (processes and threads)")

@@ -1082,23 +1082,68 @@ QLoRALinear.__init__ = _keep
 """
 
 
-@pytest.mark.slow
-def test_helpers_are_blind_to_a_shadowed_builtin_in_06(tmp_path):
-    """06's storage test finds the float copy whatever the notebook's `vars` says; the rebinding is flagged."""
-    assignment = "06_qlora"
+def _grade_one_assignment(tmp_path: Path, assignment: str, notebooks: dict) -> dict:
+    """Grade ``{name: notebook}`` of one assignment in a course root of their own; report rows by name."""
     root, inbox = tmp_path / "course-root", tmp_path / "inbox"
     shutil.copytree(SOLUTIONS / assignment, root / "solutions" / assignment)
-    answer = _completed(assignment).cells
-    solution = next(c.source for c in answer if c.metadata.get("nbgrader", {}).get("grade_id") == "qlora_linear")
-    for name, nb in {"honest": _completed(assignment),
-                     "copy_hidden": _completed(assignment, {"qlora_linear": BLIND_VARS + solution + KEEPS_A_COPY})}.items():
+    for name, nb in notebooks.items():
         (inbox / name).mkdir(parents=True)
         (inbox / name / f"{assignment}.ipynb").write_text(nbformat.writes(nb))
     env = {**os.environ, **isolated_env(tmp_path / "home", seeded_cache(tmp_path / "cache")), "PEFTLAB_COURSE_ROOT": str(root)}
     done = subprocess.run([sys.executable, "-m", "autograder.grade", str(inbox), "--workers", "2", "--quiet"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    rows = {s["name"]: s for s in json.loads((root / "autograder" / "reports" / "report.json").read_text())["submissions"]}
+    return {s["name"]: s for s in json.loads((root / "autograder" / "reports" / "report.json").read_text())["submissions"]}
+
+
+@pytest.mark.slow
+def test_helpers_are_blind_to_a_shadowed_builtin_in_06(tmp_path):
+    """06's storage test finds the float copy whatever the notebook's `vars` says; the rebinding is flagged."""
+    assignment = "06_qlora"
+    answer = _completed(assignment).cells
+    solution = next(c.source for c in answer if c.metadata.get("nbgrader", {}).get("grade_id") == "qlora_linear")
+    rows = _grade_one_assignment(tmp_path, assignment, {
+        "honest": _completed(assignment),
+        "copy_hidden": _completed(assignment, {"qlora_linear": BLIND_VARS + solution + KEEPS_A_COPY})})
     assert rows["honest"]["status"] == "graded" and not rows["honest"]["flags"], rows["honest"]
     assert rows["copy_hidden"]["score"] == rows["honest"]["score"] - 2, rows["copy_hidden"]  # qlora_linear_storage: 2 points
     assert any("rebinds Python's builtins): vars" in flag for flag in rows["copy_hidden"]["flags"]), rows["copy_hidden"]["flags"]
+
+
+# 04's count taken from peft itself, through a module name the reading of the source cannot see.
+PEFT_BY_A_BUILT_NAME = """
+import importlib
+
+LLAMA_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_param_count(in_features, out_features, r):
+    if r < 1 or in_features < 1 or out_features < 1:
+        raise ValueError("rank and sizes must be at least 1")
+    return r * (in_features + out_features)
+
+
+def llama_lora_param_count(config, r, target_modules):
+    if set(target_modules) - set(LLAMA_LINEAR_NAMES):
+        raise ValueError("not a linear layer of a Llama block")
+    library = importlib.import_module("".join(["pe", "ft"]))
+    with torch.device("meta"):
+        model = getattr(importlib.import_module("transformers"), "LlamaForCausalLM")(config)
+    model = library.get_peft_model(model, library.LoraConfig(r=r, target_modules=list(target_modules)))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+"""
+
+
+@pytest.mark.slow
+def test_a_library_left_out_is_out_of_reach_by_any_name_in_04(tmp_path):
+    """04 is graded without peft in the kernel: a count taken from peft through a name built at run time
+    (which the reading of the source cannot follow) scores nothing for the test that compares it with
+    peft, and the honest notebook keeps every point."""
+    if not SANDBOX:
+        pytest.skip("the library is left out by the sandbox's mounts")
+    assignment = "04_lora"
+    rows = _grade_one_assignment(tmp_path, assignment, {
+        "honest": _completed(assignment), "peft_by_name": _completed(assignment, {"lora_counts": PEFT_BY_A_BUILT_NAME})})
+    honest, cheat = rows["honest"], rows["peft_by_name"]
+    assert honest["status"] == "graded" and not honest["flags"] and honest["score"] == honest["max_score"], honest
+    assert cheat["score"] == honest["score"] - 1, cheat  # llama_lora_counts_match_peft: 1 point

@@ -4,6 +4,7 @@ answers, and answers that merely mention such names in prose, are untouched."""
 
 from __future__ import annotations
 
+import ast
 import sys
 
 import nbformat
@@ -92,6 +93,22 @@ def test_an_answer_that_reaches_the_reference_scores_nothing(name):
     outcomes = run_graded_path(_nb(key), {cell: _cheat(key, cell, function, body)})
     for grade_id in zeroed:
         assert outcomes[grade_id] is not None and "ReferenceCodeUsed" in str(outcomes[grade_id]), (grade_id, outcomes)
+
+
+def test_the_libraries_a_notebook_rebuilds_are_left_out_of_its_kernel():
+    assert {key: oracles.left_out(_nb(key)) for key in sorted(NB)} == {
+        "01": [], "02": ["peft"], "03": ["peft"], "04": ["peft"], "05": ["bitsandbytes"], "06": [], "07": [], "08": []}
+
+
+@pytest.mark.parametrize("key", sorted(NB))
+def test_graded_cells_never_import_a_library_left_out(key):
+    """The grader runs every cell but demonstrations with the left-out libraries absent."""
+    nb = _nb(key)
+    left_out = set(oracles.left_out(nb))
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "demo" not in cell.metadata.get("tags", []):
+            imported = {origin.split(".")[0] for origin in oracles._imports(ast.parse(cell.source)).values()}
+            assert not imported & left_out, (cell.metadata.get("nbgrader", {}).get("grade_id"), imported & left_out)
 
 
 @pytest.mark.parametrize("key", sorted(NB))

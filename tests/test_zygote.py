@@ -43,8 +43,8 @@ print(_json.dumps({
 '''
 
 
-def started(tmp_path: Path, name: str, *, warm: bool, limits: Limits | None = None) -> Kernel:
-    kernel = Kernel(tmp_path / name / "k", limits or Limits(), use_sandbox=SANDBOX, warm=warm)
+def started(tmp_path: Path, name: str, *, warm: bool, limits: Limits | None = None, left_out=()) -> Kernel:
+    kernel = Kernel(tmp_path / name / "k", limits or Limits(), use_sandbox=SANDBOX, warm=warm, left_out=left_out)
     kernel.start()
     return kernel
 
@@ -174,6 +174,63 @@ def test_warm_kernels_keep_the_reference_hidden(tmp_path, fresh_zygotes):
                          "try:\n    r.peft_lora_count(None)\nexcept r.ReferenceUnavailable:\n    print('stub')")
         text = "".join(o.get("text", "") for o in run.outputs)
         assert run.status == "ok" and "absent" in text and "stub" in text, run.outputs
+    finally:
+        kernel.shutdown()
+
+
+LEFT_OUT = r'''
+import importlib, importlib.util, json, os, sys, types
+import transformers.utils
+out = {"loaded": sorted(m for m in sys.modules if m.split(".")[0] in ("peft", "bitsandbytes"))}
+for name in ("peft", "bitsandbytes"):
+    try:
+        importlib.import_module("".join(name))
+        out[name] = "imported"
+    except ImportError as exc:
+        out[name] = str(exc)
+site = os.path.dirname(os.path.dirname(transformers.__file__))
+out["files"] = sorted(os.listdir(os.path.join(site, "peft")))
+fake = types.ModuleType("peft")  # a package made by hand over the real folder: nothing there to find
+fake.__path__ = [os.path.join(site, "peft")]
+sys.modules["peft"] = fake
+try:
+    importlib.import_module("peft.tuners.lora.layer")
+    out["by_hand"] = "imported"
+except ImportError as exc:
+    out["by_hand"] = type(exc).__name__
+del sys.modules["peft"]
+out["transformers_sees_peft"] = transformers.utils.is_peft_available()
+from transformers import AutoModelForCausalLM  # from_pretrained asks whether the folder holds an adapter
+from peftlab.models import tiny_llama
+tiny_llama(seed=0).save_pretrained("/tmp/tiny")
+out["model"] = type(AutoModelForCausalLM.from_pretrained("/tmp/tiny")).__name__
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
+def test_a_notebook_can_run_without_the_libraries_it_rebuilds(tmp_path, fresh_zygotes, warm):
+    """Notebooks 02-05 are graded with peft and bitsandbytes left out of the kernel: no import, by any
+    name or path, reaches their files, while transformers still loads the real model; a kernel that
+    needs them (06, 08) imports them."""
+    if not SANDBOX:
+        pytest.skip("the libraries are left out by the sandbox's mounts")
+    kernel = started(tmp_path, "without", warm=warm, left_out=["bitsandbytes", "peft"])
+    try:
+        run = kernel.run(LEFT_OUT)
+        assert run.status == "ok", run.outputs
+        out = json.loads("".join(o.get("text", "") for o in run.outputs if o.get("output_type") == "stream"))
+    finally:
+        kernel.shutdown()
+    assert kernel.warm == warm and out["loaded"] == [], out
+    for name in ("peft", "bitsandbytes"):
+        assert out[name].startswith(f"{name} is not available while this notebook is graded"), out
+    assert out["files"] == ["__init__.py"] and out["by_hand"] == "ModuleNotFoundError", out
+    assert out["transformers_sees_peft"] is True and out["model"] == "LlamaForCausalLM", out
+    kernel = started(tmp_path, "with", warm=warm)
+    try:
+        run = kernel.run("import peft, bitsandbytes\nprint(peft.__version__)")
+        assert run.status == "ok", run.outputs
     finally:
         kernel.shutdown()
 
