@@ -29,7 +29,7 @@ SHARED_MODULES = {"test_autograder.py", "test_browser.py", "test_nbgrader_roundt
 # Checks of an executed solution notebook, by node id: the checks of one notebook share its run.
 SOLUTION_CHECKS = {"test_notebooks.py::test_solution_runs_top_to_bottom_and_passes_every_test": None,
                    "test_lab.py::test_notebook_runs_on_cpu_and_writes_every_figure": "07_gpu_lab"}
-# Seconds each group took on 2 cores (the suite at c0e8dc5, warm kernels, 2026-12-02): the longest
+# Seconds each group takes on 2 cores with warm kernels: the longest
 # start first, so no worker is left with a long group at the end. Other tests follow in file order.
 COST = {"test_autograder.py": 300, "solution-08_choosing_peft": 181, "test_browser.py": 180,
         "test_nbgrader_roundtrip.py": 120, "solution-07_gpu_lab": 118, "test_cluster.py": 88,

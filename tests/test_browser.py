@@ -228,8 +228,8 @@ def text_changes(page, locator, before: str, timeout: int = 20_000, starts: str 
     ``inner_text`` depends on layout: the same report read before and after the page reflows can come
     back with and without the line break of its ``<br>`` (a CI run saw "changed" text that still showed
     the old block size), so a change is judged on the characters alone. A report can also change once
-    on its own after it was first read (seen 2026-12-04: the "change" returned was the report for the old
-    block size), so where the new text is known, the wait is for that text."""
+    on its own after it was first read (the "change" returned was then the report for the old block
+    size), so where the new text is known, the wait is for that text."""
     deadline = time.monotonic() + timeout / 1000
     now = before
     while time.monotonic() < deadline:

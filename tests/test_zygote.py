@@ -147,7 +147,7 @@ def test_limits_stop_a_warm_kernel_and_the_next_one_starts_warm(tmp_path, fresh_
         assert spinner.run("print('still here')").status == "ok", "an interrupted kernel answers again"
     finally:
         spinner.shutdown()
-    # Its own CPU limit: touching 2.4 GB of fresh pages took 5.4 s of CPU on this machine (2026-12-03).
+    # Its own CPU limit: touching 2.4 GB of fresh pages takes about 5.4 s of CPU on 2 cores.
     hoarder = started(tmp_path, "hoard", warm=True, limits=Limits(cell_cpu_seconds=60, cell_wall_seconds=120, memory_mb=3000))
     try:
         run = hoarder.run("import torch\nhoard = [torch.ones(2**25) for _ in range(100)]")  # 12.8 GB

@@ -153,8 +153,7 @@ def fit_threads() -> int | None:
 
     torch's OpenMP runs one thread per core and makes every thread wait for the others at the end of
     each operation. When other work holds a core, the waits take a scheduler slice each: notebook 03
-    took 10 min instead of 38 s on 2 cores with one busy, and 51 s with one thread (measured
-    2026-12-02). So a kernel that starts on a busy machine uses only the free cores. An explicit
+    took 10 min instead of 38 s on 2 cores with one busy, and 51 s with one thread. So a kernel that starts on a busy machine uses only the free cores. An explicit
     ``OMP_NUM_THREADS`` (the grader sets one per worker) is left alone. Returns the count set, or None.
     """
     global FITTED

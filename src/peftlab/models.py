@@ -167,7 +167,7 @@ def _gguf_read_once():
 
     transformers 5.x parses the GGUF file's fields twice for the model (config, then weights) and a
     third time for the tokenizer, and builds gguf's tensor-name map once per module (397 times for
-    SmolLM2): 20 of the conversion's 27 s (profiled 2026-12-02). Both are pure reads of one file, and
+    SmolLM2): 20 of the conversion's 27 s when profiled. Both are pure reads of one file, and
     transformers imports them from `gguf` at each call, so they are memoised there for the duration.
     """
     try:
