@@ -117,10 +117,10 @@ def meta_inventory(config) -> dict:
     if key is not None and key in _INVENTORY:
         return _INVENTORY[key]
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    from peftlab.models import meta_model
+
+    model = meta_model(config)
     output = model.get_output_embeddings()
     linear = {name: (m.in_features, m.out_features) for name, m in model.named_modules()
               if isinstance(m, torch.nn.Linear) and m is not output}

@@ -94,9 +94,10 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 
 def meta_model(config):
-    """A LlamaForCausalLM with ``config``'s shapes on PyTorch's meta device: no memory, milliseconds."""
+    """The causal language model ``config`` describes (a LlamaForCausalLM for a LlamaConfig), with its
+    shapes on PyTorch's meta device: no memory, milliseconds. The one way the course builds one."""
     with torch.device("meta"):
-        return LlamaForCausalLM(config)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def param_count(model, trainable_only: bool = False) -> int:
