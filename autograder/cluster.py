@@ -1,11 +1,12 @@
-"""Grading beyond one machine: the execution step on a Dask cluster (`dask.distributed`).
+"""Part of stage 3, execute: grading beyond one machine, the execution step on a Dask cluster
+(`dask.distributed`).
 
     python -m autograder.grade SUBMISSIONS --scheduler tcp://scheduler:8786   # a running cluster
     python -m autograder.grade SUBMISSIONS --scheduler local:4                # a LocalCluster, 4 workers
 
 Everything else stays on the instructor's machine: reading and preparing the submissions, nbgrader's
 scoring, the gradebook, feedback and reports. Each task carries one prepared notebook (plain text) and
-its limits to a Dask worker, which grades it exactly as the local path does: a long-lived grading
+its `Job` (as JSON) to a Dask worker, which grades it exactly as the local path does: a long-lived grading
 process (`autograder.worker`, one per Dask worker thread, reused from task to task), a fresh sandboxed
 kernel per notebook, the judge outside it. The task returns the result
 and the judged notebook as text, which the instructor's machine writes where the local path would.
@@ -20,57 +21,50 @@ SmolLM2 cache (made on first use). dask-jobqueue (SLURM, PBS) or dask-kubernetes
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from autograder.records import Job
+from autograder.worker import WorkerProcess, convert_models_once
 
 
 _IDLE: "queue.SimpleQueue" = queue.SimpleQueue()  # this Dask worker's grading processes, between tasks
 
 
-def grade_remote(job: dict, notebook: str) -> dict:
-    """On a worker: grade one prepared notebook; ``{"result": ..., "executed": notebook text}``.
+def grade_remote(job: str, notebook: str) -> dict:
+    """On a worker: grade one prepared notebook (``job``: a `Job` as JSON); ``{"result": its `Result` as
+    JSON, "executed": the judged notebook's text}``.
 
     The grading runs in a long-lived `autograder.worker` process of this Dask worker (started on its
     first task, reused by the next: the judge's libraries are imported once), with a fresh sandboxed
     kernel per notebook, exactly as the local path grades. A task that kills or hangs that process
     fails alone (a failed row with the reason); the next task starts another."""
-    sys.path.insert(0, str(ROOT))
-    from autograder.grade import WorkerProcess
-
     with tempfile.TemporaryDirectory(prefix="peftlab-task-") as tmp:
         folder = Path(tmp)
         folder.chmod(0o700)
-        local = {**job, "folder": str(folder / "job"), "notebook": str(folder / "grading.ipynb"),
-                 "output": str(folder / "executed.ipynb"), "result": str(folder / "result.json")}
-        Path(local["folder"]).mkdir(mode=0o700)
-        Path(local["notebook"]).write_text(notebook)
+        local = Job.from_json(job).moved_to(folder)
+        Path(local.folder).mkdir(mode=0o700)
+        Path(local.notebook).write_text(notebook)
         try:
             worker = _IDLE.get_nowait()
         except queue.Empty:
             worker = None
         if worker is None or not worker.alive():
             worker = WorkerProcess()
-        error = worker.grade(local, job["notebook_timeout"] + 240)
+        error = worker.grade(local, local.notebook_timeout + 240)
         if error is None:
             _IDLE.put(worker)
-        result, output = Path(local["result"]), Path(local["output"])
+        result, output = Path(local.result), Path(local.output)
         if error or not (result.exists() and output.exists()):
             raise RuntimeError(error or "the grading process left no result")
-        return {"result": json.loads(result.read_text()), "executed": output.read_text()}
+        return {"result": result.read_text(), "executed": output.read_text()}
 
 
 def _prepare_worker() -> str:
     """Run once on each worker: the model cache the kernels read, converted before any kernel starts."""
-    sys.path.insert(0, str(ROOT))
-    from autograder.grade import _convert_models_once
-
-    _convert_models_once()
+    convert_models_once()
     return "ready"
 
 
@@ -89,7 +83,7 @@ def kept_environ():
 
 
 class Cluster:
-    """The `autograder.grade.Workers` interface (``run(jobs, on_done)``) on a Dask cluster."""
+    """The `autograder.dispatch.Workers` interface (``run(jobs, on_done)``) on a Dask cluster."""
 
     def __init__(self, address: str, job_timeout: float):
         self.address, self.job_timeout = address, job_timeout
@@ -104,11 +98,11 @@ class Cluster:
             return Client(cluster), cluster
         return Client(self.address, timeout=60), None
 
-    def run(self, jobs: list[dict], on_done) -> None:
+    def run(self, jobs: list[Job], on_done) -> None:
         with kept_environ():  # a LocalCluster's nanny changes it when it starts or restarts a worker
             self._run(jobs, on_done)
 
-    def _run(self, jobs: list[dict], on_done) -> None:
+    def _run(self, jobs: list[Job], on_done) -> None:
         from dask.distributed import as_completed
 
         client, cluster = self._client()
@@ -116,17 +110,17 @@ class Cluster:
             client.run(_prepare_worker)
             futures = {}
             for job in jobs:
-                notebook = Path(job["notebook"]).read_text()
-                future = client.submit(grade_remote, job, notebook, key=f"grade-{Path(job['folder']).name}-{id(job)}",
-                                       pure=False)
+                notebook = Path(job.notebook).read_text()
+                future = client.submit(grade_remote, job.to_json(), notebook,
+                                       key=f"grade-{Path(job.folder).name}-{id(job)}", pure=False)
                 futures[future] = job
             for future in as_completed(futures):
                 job = futures[future]
                 error = None
                 try:
                     value = future.result(timeout=self.job_timeout)
-                    Path(job["result"]).write_text(json.dumps(value["result"]))
-                    Path(job["output"]).write_text(value["executed"])
+                    Path(job.result).write_text(value["result"])
+                    Path(job.output).write_text(value["executed"])
                 except Exception as exc:  # noqa: BLE001 - a task the cluster could not finish is a failed row
                     error = f"the cluster could not grade it: {type(exc).__name__}: {str(exc)[:300]}"
                 on_done(job, error)

@@ -1,10 +1,9 @@
 """Grade one prepared notebook: run the student's cells in a sandboxed kernel, judge the tests here.
 
-    python -m autograder.execute JOB.json       # one job (the grader runs them through autograder.worker)
-
-JOB.json names the prepared notebook (which holds the hidden tests and lives where the kernel cannot
-see it), where to write the executed copy and the result, the limits and the student's names. What
-happens to each cell of the prepared notebook, in order:
+Part of stage 3, execute. A grading process (`autograder.worker`) runs one `Job` at a time: the job names
+the prepared notebook (which holds the hidden tests and lives where the kernel cannot see it), where to
+write the executed copy and the `Result`, the limits and the student's names. What happens to each
+cell of the prepared notebook, in order:
 
 - locked cells, the student's answers and code cells, plain cells: run in the kernel; their outputs are
   kept, reduced to inert forms (text, PNG or JPEG images, error text) and capped;
@@ -22,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import secrets
 import sys
@@ -34,6 +34,7 @@ from autograder import oracles
 from autograder.judge import Judge, ProbeFailed, Verdict
 from autograder.kernel import Kernel, Limits
 from autograder.prepare import _kind
+from autograder.records import Job, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_NOTEBOOK_OUTPUT = 4 << 20     # all kept outputs of one notebook (the feedback page)
@@ -147,14 +148,13 @@ def _verdict_outputs(verdict: Verdict, printed: str) -> list:
 class Session:
     """One notebook's kernel and judge."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: Job):
         self.job = job
-        limits = Limits(cell_cpu_seconds=job["cell_timeout"], cell_wall_seconds=job.get("cell_wall", job["cell_timeout"] * 5),
-                        memory_mb=job["memory_mb"], max_procs=job.get("max_procs", 64))
-        self.kernel = Kernel(Path(job["folder"]) / "k", limits, use_sandbox=job["sandbox"],
-                             expose=job.get("expose", []), threads=job.get("threads", 1), warm=job.get("warm", False),
-                             left_out=job.get("left_out", []))
-        self.judge = Judge(self.send, set(job.get("student_names", [])))
+        limits = Limits(cell_cpu_seconds=job.cell_timeout, cell_wall_seconds=job.cell_timeout * 5,
+                        memory_mb=job.memory_mb, max_procs=job.max_procs)
+        self.kernel = Kernel(Path(job.folder) / "k", limits, use_sandbox=job.sandbox, expose=list(job.expose),
+                             threads=job.threads, warm=job.warm, left_out=list(job.left_out))
+        self.judge = Judge(self.send, set(job.student_names))
         self.flags: list[str] = []
         self.notes: list[str] = []
         self.printed: list[str] = []   # what the student's code printed during a visible test
@@ -167,7 +167,7 @@ class Session:
         means the kernel's machinery was tampered with)."""
         visible = self.judge.phase == "visible"
         if time.monotonic() > self.deadline:
-            raise ProbeFailed("TimeoutError", f"not run: the notebook ran past its {self.job['notebook_timeout']} s limit")
+            raise ProbeFailed("TimeoutError", f"not run: the notebook ran past its {self.job.notebook_timeout} s limit")
         from peftlab.probe import HELPERS  # the grader's own copy, defined afresh for every call
 
         code = (f"__import__('peftlab.probe', fromlist=['run']).run({source!r}, {name!r}, {arguments!r}, "
@@ -232,103 +232,119 @@ class Session:
             self.flags.append(f"the notebook changed the kernel's machinery ({when}): {', '.join(changed)}")
 
     def grade(self, nb) -> dict:
-        result = {"completed": False, "seconds": 0.0}
+        """Run and judge ``nb`` in place, cell by cell; the `Result` fields that say how it went."""
         start = time.monotonic()
-        deadline = self.deadline = start + self.job["notebook_timeout"]
-        tests, stopped, baseline, printed = [], None, None, {}
+        self.deadline = start + self.job.notebook_timeout
+        self.stopped: str | None = None  # why the notebook could not go on
+        self.baseline = None             # the kernel's machinery after the imports cell
         # Where the time goes: the kernel's start, the imports cell, the other cells, the tests' calls
         # and checks (visible, then hidden), the integrity checks.
-        timing = result["timing"] = dict.fromkeys(("kernel_start", "imports", "cells", "tests", "hidden", "integrity"), 0.0)
+        self.timing = dict.fromkeys(("kernel_start", "imports", "cells", "tests", "hidden", "integrity"), 0.0)
         self.judge.reference_use = oracles.find(nb)  # answers that use the tests' reference score nothing
-        try:
-            clock = time.monotonic()
-            self.kernel.start()
-            # The probe first, before any of the student's code: it keeps Python's builtins as they are now.
-            self.kernel.run("__import__('peftlab.probe', fromlist=['arm']).arm()", store_history=False, keep_outputs=False)
-            timing["kernel_start"] = time.monotonic() - clock
-        except Exception as exc:  # noqa: BLE001
-            stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"
-            self.flags.append(stopped)
+        self._start()
+        printed = {}
         for index, cell in enumerate(nb.cells):
             if cell.cell_type != "code":
                 continue
-            kind = _kind(cell)
             cell.execution_count = None
-            if kind == "test":
-                tests.append(cell)
-                if stopped:
-                    self.judge.verdicts[cell.metadata["nbgrader"]["grade_id"]] = Verdict(False, "NotRun", f"not run: {stopped}")
-                    continue
-                self.printed = []
-                grade_id = cell.metadata["nbgrader"]["grade_id"]
-                clock = time.monotonic()
-                self.judge.test(grade_id, cell.source)
-                timing["tests"] += time.monotonic() - clock
-                printed[index] = "".join(self.printed)
-                continue
-            cell.outputs = []
-            if stopped:
-                continue
-            if kind == "locked" and "judge-only" in cell.get("metadata", {}).get("tags", []):
-                self.judge.locked(cell.source)  # the tests' reference: never in the student's kernel
-                continue
-            if time.monotonic() > deadline:
-                stopped = f"the notebook ran past its {self.job['notebook_timeout']} s limit"
-                self.flags.append(stopped)
-                continue
-            clock = time.monotonic()
-            run = self.kernel.run(cell.source)
-            self._note_refused(run.refused if run.status != "dead" else 0)
-            timing["imports" if cell.get("id") == "imports" else "cells"] += time.monotonic() - clock
-            cell.outputs = sanitize(run.outputs)
-            if run.capped:
-                self.notes.append(f"output of cell {cell.get('id')} cut to {self.kernel.limits.max_output_bytes // 1024} KB")
-            if run.status == "timeout":
-                cell.outputs.append(_error_output("TimeoutError", run.reason))
-                self.flags.append(f"a cell hit a time limit ({cell.get('id')}): {run.reason}")
-            elif run.status == "dead":
-                stopped = run.reason if "limit" in run.reason or "too many" in run.reason else f"{run.reason} in cell {cell.get('id')}"
-                cell.outputs.append(_error_output("DeadKernelError", stopped))
-                self.flags.append(stopped)
-            if any(o.get("output_type") == "error" and o.get("ename") == "MemoryError" for o in cell.outputs):
-                self.flags.append(f"memory limit reached in cell {cell.get('id')}")
-            if kind == "locked" and cell.get("id") != "setup":
-                try:
-                    self.judge.locked(cell.source)
-                except Exception as exc:  # noqa: BLE001 - the instructor's cell failing here is worth saying
-                    self.notes.append(f"locked cell {cell.get('id')} failed in the judge: {type(exc).__name__}: {exc}")
-                if cell.get("id") == "imports":
-                    clock = time.monotonic()
-                    baseline = self.integrity()
-                    timing["integrity"] += time.monotonic() - clock
-        if not stopped:
-            clock = time.monotonic()
-            now = self.integrity()
-            timing["integrity"] += time.monotonic() - clock
-            self.compare(baseline, now, "during the notebook")
-            clock = time.monotonic()
-            self.judge.finish()
-            timing["hidden"] += time.monotonic() - clock
-            clock = time.monotonic()
-            self.compare(baseline, self.integrity(), "during the hidden tests")
-            timing["integrity"] += time.monotonic() - clock
+            if _kind(cell) == "test":
+                printed[index] = self._test(cell)
+            else:
+                self._cell(cell)
+        if not self.stopped:
+            self._finish()
         for index, cell in enumerate(nb.cells):
-            if not _is_test(cell):
-                continue
-            grade_id = cell.metadata["nbgrader"]["grade_id"]
-            verdict = self.judge.verdicts.get(grade_id) or Verdict(False, "NotRun", "not run: the grader stopped early")
-            cell.outputs = _verdict_outputs(verdict, printed.get(index, ""))
+            if _is_test(cell):
+                grade_id = cell.metadata["nbgrader"]["grade_id"]
+                verdict = self.judge.verdicts.get(grade_id) or Verdict(False, "NotRun", "not run: the grader stopped early")
+                cell.outputs = _verdict_outputs(verdict, printed.get(index, ""))
         self.flags += self.judge.flags
         self.notes += self.kernel.notes
-        if not self.kernel.dead and not stopped:  # the relay's word on a message may come after its cell's end
+        if not self.kernel.dead and not self.stopped:  # the relay's word on a message may come after its cell's end
             self._note_refused(self.kernel.refused_in_all())
-        if self.kernel.dead and not stopped:
+        if self.kernel.dead and not self.stopped:
             self.flags.append(self.kernel.dead)
         _cap_notebook(nb, self.notes)
-        result["completed"] = stopped is None and not self.kernel.dead
-        result["seconds"] = time.monotonic() - start
-        result["peak_mb"] = round(self.kernel.peak_bytes / 2**20)
-        return result
+        return {"completed": self.stopped is None and not self.kernel.dead, "seconds": time.monotonic() - start,
+                "timing": self.timing, "peak_mb": round(self.kernel.peak_bytes / 2**20)}
+
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        clock = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timing[part] += time.monotonic() - clock
+
+    def _start(self) -> None:
+        try:
+            with self._timed("kernel_start"):
+                self.kernel.start()
+                # The probe first, before any of the student's code: it keeps Python's builtins as they are now.
+                self.kernel.run("__import__('peftlab.probe', fromlist=['arm']).arm()", store_history=False,
+                                keep_outputs=False)
+        except Exception as exc:  # noqa: BLE001
+            self.stopped = f"the kernel could not start ({type(exc).__name__}: {str(exc)[:200]})"
+            self.flags.append(self.stopped)
+
+    def _test(self, cell) -> str:
+        """Judge a test cell's visible part; what the student's code printed during it."""
+        grade_id = cell.metadata["nbgrader"]["grade_id"]
+        if self.stopped:
+            self.judge.verdicts[grade_id] = Verdict(False, "NotRun", f"not run: {self.stopped}")
+            return ""
+        self.printed = []
+        with self._timed("tests"):
+            self.judge.test(grade_id, cell.source)
+        return "".join(self.printed)
+
+    def _cell(self, cell) -> None:
+        """Run a locked, answer or added cell in the kernel (a judge-only one in the judge)."""
+        cell.outputs = []
+        kind = _kind(cell)
+        if self.stopped:
+            return
+        if kind == "locked" and "judge-only" in cell.get("metadata", {}).get("tags", []):
+            self.judge.locked(cell.source)  # the tests' reference: never in the student's kernel
+            return
+        if time.monotonic() > self.deadline:
+            self.stopped = f"the notebook ran past its {self.job.notebook_timeout} s limit"
+            self.flags.append(self.stopped)
+            return
+        with self._timed("imports" if cell.get("id") == "imports" else "cells"):
+            run = self.kernel.run(cell.source)
+        self._note_refused(run.refused if run.status != "dead" else 0)
+        cell.outputs = sanitize(run.outputs)
+        if run.capped:
+            self.notes.append(f"output of cell {cell.get('id')} cut to {self.kernel.limits.max_output_bytes // 1024} KB")
+        if run.status == "timeout":
+            cell.outputs.append(_error_output("TimeoutError", run.reason))
+            self.flags.append(f"a cell hit a time limit ({cell.get('id')}): {run.reason}")
+        elif run.status == "dead":
+            self.stopped = run.reason if "limit" in run.reason or "too many" in run.reason else f"{run.reason} in cell {cell.get('id')}"
+            cell.outputs.append(_error_output("DeadKernelError", self.stopped))
+            self.flags.append(self.stopped)
+        if any(o.get("output_type") == "error" and o.get("ename") == "MemoryError" for o in cell.outputs):
+            self.flags.append(f"memory limit reached in cell {cell.get('id')}")
+        if kind == "locked" and cell.get("id") != "setup":
+            try:
+                self.judge.locked(cell.source)
+            except Exception as exc:  # noqa: BLE001 - the instructor's cell failing here is worth saying
+                self.notes.append(f"locked cell {cell.get('id')} failed in the judge: {type(exc).__name__}: {exc}")
+            if cell.get("id") == "imports":
+                with self._timed("integrity"):
+                    self.baseline = self.integrity()
+
+    def _finish(self) -> None:
+        """The hidden tests, between integrity checks of the kernel's machinery."""
+        with self._timed("integrity"):
+            now = self.integrity()
+        self.compare(self.baseline, now, "during the notebook")
+        with self._timed("hidden"):
+            self.judge.finish()
+        with self._timed("integrity"):
+            now = self.integrity()
+        self.compare(self.baseline, now, "during the hidden tests")
 
 
 def _cap_notebook(nb, notes: list[str]) -> None:
@@ -345,9 +361,9 @@ def _cap_notebook(nb, notes: list[str]) -> None:
         notes.append(f"outputs of cell {nb.cells[i].get('id')} removed (the notebook's outputs passed {MAX_NOTEBOOK_OUTPUT >> 20} MB)")
 
 
-def grade_job(job: dict) -> dict:
+def grade_job(job: Job) -> Result:
     """Run one job; always writes the executed notebook and returns a result (never raises)."""
-    nb = nbformat.read(job["notebook"], as_version=4)
+    nb = nbformat.read(job.notebook, as_version=4)
     session = Session(job)
     try:
         result = session.grade(nb)
@@ -361,18 +377,6 @@ def grade_job(job: dict) -> dict:
     for cell in nb.cells:
         if _is_test(cell) and not cell.get("outputs"):  # never let a test that was not judged count as passed
             cell.outputs = [_error_output("NotRun", "not run: the grader could not finish the kernel")]
-    nbformat.write(nb, job["output"])
-    dedup = lambda items: list(dict.fromkeys(items))  # noqa: E731
-    result["flags"], result["notes"] = dedup(session.flags), dedup(session.notes)
-    return result
-
-
-def main() -> int:
-    job = json.loads(Path(sys.argv[1]).read_text())
-    result = grade_job(job)
-    Path(job["result"]).write_text(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    nbformat.write(nb, job.output)
+    dedup = lambda items: tuple(dict.fromkeys(items))  # noqa: E731
+    return Result(**result, flags=dedup(session.flags), notes=dedup(session.notes))

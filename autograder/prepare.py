@@ -1,4 +1,5 @@
-"""Turn one submitted file into the notebook the grader runs, and say what was wrong with it.
+"""Stage 2, prepare: turn each submitted file into the notebook the grader runs (a `Job`), and say what
+was wrong with it.
 
 The graded notebook is rebuilt from the instructor's source: every locked cell and every test (with
 its hidden part) comes from `solutions/`, every answer from the student. It is written where the
@@ -15,18 +16,23 @@ from __future__ import annotations
 import bisect
 import builtins
 import copy
+import hashlib
 import html
 import json
 import os
 import re
+import shutil
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell
 
+from autograder import oracles
 from autograder.judge import bound_names
+from autograder.records import Job, Submission
+from autograder.release import nbgrader_batch
 
 MAX_BYTES = 200 * 1024 * 1024  # larger files are refused unread
 MAX_MARKDOWN = 100 * 1024      # a Markdown answer is cut beyond this (rendering some Markdown is cubic)
@@ -356,3 +362,61 @@ def student_names(source_nb) -> list[str]:
         if _kind(cell) == "answer" and cell.cell_type == "code":
             names |= bound_names(cell.source)
     return sorted(names)
+
+
+def releases_of(root: Path, names: list[str], work: Path) -> dict:
+    """The release notebooks of some assignments, with the gradebook told about each. nbgrader's
+    generate_assignment runs (in one nbgrader process for all of them) only for the assignments whose
+    instructor's notebook changed since the last run; its output is kept in autograder/.releases/."""
+    cache = root / "autograder" / ".releases"
+    gradebook = root / "autograder" / "gradebook.db"
+    digests, stale = {}, []
+    for name in names:
+        digests[name] = hashlib.sha256((root / "solutions" / name / f"{name}.ipynb").read_bytes()).hexdigest()
+        stamp, release = cache / f"{name}.sha256", cache / name / f"{name}.ipynb"
+        if not (gradebook.exists() and release.exists() and stamp.exists() and stamp.read_text() == digests[name]):
+            stale.append(name)
+    plan = [["generate_assignment", name, "--force", f"--CourseDirectory.release_directory={cache}"] for name in stale]
+    for name, step in zip(stale, nbgrader_batch(root, plan, work) if plan else [], strict=True):
+        if step["returncode"] != 0:
+            raise SystemExit(f"nbgrader generate_assignment {name} failed:\n{step['log']}")
+        (cache / f"{name}.sha256").write_text(digests[name])
+    return {name: nbformat.read(cache / name / f"{name}.ipynb", as_version=4) for name in names}
+
+
+def jobs(root: Path, submissions: list[Submission], sources: dict, work: Path, limits: Job
+         ) -> list[tuple[Job, Submission]]:
+    """A job for every submission that can be graded, with ``limits``'s settings, its notebook written
+    into a private folder under ``work``; each file is also kept as received in autograder/originals/.
+    A submission that cannot be prepared is marked failed, with the reason. ``sources`` maps each
+    assignment to its (instructor's notebook, release)."""
+    out = []
+    for sub in submissions:
+        source, release = sources[sub.assignment]
+        originals = root / "autograder" / "originals" / sub.student / sub.assignment
+        shutil.rmtree(originals, ignore_errors=True)
+        originals.mkdir(parents=True)
+        if sub.status == "failed":  # an archive entry that could not be read
+            continue
+        try:
+            shutil.copyfile(sub.file, originals / Path(sub.file).name, follow_symlinks=False)
+        except OSError:
+            pass
+        try:
+            prepared = prepare(Path(sub.file), source, release)
+        except Exception as exc:  # noqa: BLE001 - a submission we failed to understand is reported
+            prepared = Prepared(reason=f"could not be prepared for grading ({type(exc).__name__}: {exc})")
+        sub.flags += prepared.flags
+        sub.notes += prepared.notes
+        if prepared.failed:
+            sub.status, sub.reason = "failed", prepared.reason
+            continue
+        folder = work / "jobs" / f"job-{len(out):05d}"
+        folder.mkdir(parents=True)
+        folder.chmod(0o700)
+        nbformat.write(prepared.notebook, folder / "grading.ipynb")
+        job = replace(limits, folder=str(folder), notebook=str(folder / "grading.ipynb"),
+                      output=str(folder / "executed.ipynb"), result=str(folder / "result.json"),
+                      student_names=tuple(student_names(source)), left_out=tuple(oracles.left_out(source)))
+        out.append((job, sub))
+    return out

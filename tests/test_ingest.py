@@ -1,5 +1,5 @@
 """Reading an export never stops and never loses a file: random corruptions of a valid export, read
-the way the grading command reads it (`autograder.grade.discover` and `autograder.prepare.prepare`, no
+the way the grading command reads it (`autograder.ingest.discover` and `autograder.prepare.prepare`, no
 kernels), always complete, and every entry of the export is graded, failed or skipped with a reason.
 Also: student ids are unique and stable, and preparing a huge notebook stays fast."""
 
@@ -19,7 +19,7 @@ from notebooks import COURSE, ROOT, SOLUTIONS
 
 sys.path.insert(0, str(ROOT))
 from autograder import prepare as prep  # noqa: E402
-from autograder.grade import discover, student_ids  # noqa: E402
+from autograder.ingest import discover, student_ids  # noqa: E402
 
 NAME = "01_memory_math"
 SOURCE = nbformat.read(SOLUTIONS / NAME / f"{NAME}.ipynb", as_version=4)
