@@ -50,7 +50,8 @@ PRELOAD = ("ipykernel.kernelapp", "ipykernel.zmqshell", "torch", "transformers",
 # the notebooks that use them (06, 08) import them themselves, about 1.2 s.
 # Never in a kernel's memory: the tests' reference code (hidden in the sandbox), the grader's own code.
 NEVER = ("peftlab.reference", "autograder.judge", "autograder.oracles", "autograder.execute", "autograder.grade",
-         "autograder.kernel", "nbgrader")
+         "autograder.kernel", "autograder.launch", "autograder.prepare", "autograder.dispatch", "autograder.score",
+         "nbgrader")
 # Modules that set themselves up for the running shell when they are imported, and the function that
 # does it. Imported here (ipywidgets comes with transformers, for tqdm's notebook bars) they find no
 # shell, so each kernel runs that function once its shell exists (`_after_shell`), as a cold kernel's

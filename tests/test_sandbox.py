@@ -18,7 +18,7 @@ from notebooks import ROOT
 
 sys.path.insert(0, str(ROOT))
 from autograder import sandbox  # noqa: E402
-from autograder.kernel import sandbox_read_only  # noqa: E402
+from autograder.launch import sandbox_read_only  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sandbox.available(), reason="user namespaces are not available here")
 
@@ -153,7 +153,7 @@ def test_the_tests_reference_code_is_not_in_the_sandbox(tmp_path):
     and neither can be uncovered from inside."""
     import py_compile
 
-    from autograder.kernel import reference_covers
+    from autograder.launch import reference_covers
     from peftlab import reference
 
     py_compile.compile(reference.__file__, doraise=True)  # a real compiled copy to hide, as a fresh checkout has

@@ -16,9 +16,10 @@ import pytest
 from notebooks import ROOT
 
 sys.path.insert(0, str(ROOT))
-from autograder import kernel as kernel_module  # noqa: E402
+from autograder import launch  # noqa: E402
 from autograder import sandbox  # noqa: E402
-from autograder.kernel import Kernel, Limits, close_zygotes, zygote_for  # noqa: E402
+from autograder.kernel import Kernel, Limits  # noqa: E402
+from autograder.launch import close_zygotes, zygote_for  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="warm kernels need Linux's fork")
 SANDBOX = sandbox.available()
@@ -58,10 +59,10 @@ def look(kernel: Kernel) -> dict:
 @pytest.fixture()
 def fresh_zygotes():
     close_zygotes()
-    kernel_module._FAILED.clear()
+    launch._FAILED.clear()
     yield
     close_zygotes()
-    kernel_module._FAILED.clear()
+    launch._FAILED.clear()
 
 
 def test_a_warm_kernel_looks_like_a_cold_one_and_starts_in_a_second(tmp_path, fresh_zygotes):
@@ -111,7 +112,7 @@ def test_no_kernel_carries_another_students_job(tmp_path, fresh_zygotes):
     first = started(tmp_path, marker, warm=True)  # the marker is in its folder, its sandbox's paths and env
     try:
         assert first.warm
-        zygote = next(iter(kernel_module._ZYGOTES.values()))
+        zygote = next(iter(launch._ZYGOTES.values()))
         assert _memory_holds(first.pid, marker.encode()), "the scan finds the marker where it is"
         assert not _memory_holds(zygote.proc.pid, marker.encode()), "the zygote never reads a request"
     finally:
@@ -259,7 +260,7 @@ def test_without_a_zygote_kernels_start_cold(tmp_path, fresh_zygotes, monkeypatc
 
 @pytest.mark.parametrize("failure", ["the spawn fails", "the child dies before its kernel answers"])
 def test_a_warm_start_that_fails_costs_a_cold_start_not_the_submission(tmp_path, fresh_zygotes, monkeypatch, failure):
-    original = kernel_module.Zygote.spawn
+    original = launch.Zygote.spawn
 
     def spawn(self, argv, env, cwd):
         if failure == "the spawn fails":
@@ -267,7 +268,7 @@ def test_a_warm_start_that_fails_costs_a_cold_start_not_the_submission(tmp_path,
         # The sandbox runs as asked, but what it launches has no connection file: the child exits.
         return original(self, argv[:argv.index("--") + 1] + [sys.executable, "-m", "no_such_module"], env, cwd)
 
-    monkeypatch.setattr(kernel_module.Zygote, "spawn", spawn)
+    monkeypatch.setattr(launch.Zygote, "spawn", spawn)
     clock = time.monotonic()
     kernel = started(tmp_path, "fallback", warm=True)
     try:
@@ -287,7 +288,7 @@ def test_the_zygotes_answer_to_a_refused_fork_is_an_error_not_a_pid():
     try:
         theirs.sendall(b"FAILED fork: [Errno 12] Cannot allocate memory\n")
         with pytest.raises(RuntimeError, match="could not fork") as refused:
-            kernel_module.WarmProcess(ours, timeout=5)
+            launch.WarmProcess(ours, timeout=5)
         assert refused.value.answer.startswith("fork:")
     finally:
         ours.close()
