@@ -13,6 +13,7 @@ generations), so an instructor can collect one file per run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -229,8 +230,6 @@ class MemoryMeter:
         """Resident memory now (above the baseline), and the phase's peak, under ``name``. On a CPU the
         allocator first hands what it keeps of freed memory back to the system (glibc's malloc_trim):
         what it retains otherwise depends on how many threads allocated, and is not the run's."""
-        import gc
-
         gc.collect()  # what is only waiting for the cycle collector is not part of the phase
         if not self.gpu:
             _trim()
@@ -387,21 +386,18 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
     ``make_training_arguments(config, env)`` replaces `training_arguments`. ``results.json`` is written
     as soon as training ends, again after the evaluation, and after the adapter's reload and merge,
     which can fail without costing the run's figures."""
-    import gc
-
     import peft  # noqa: F401 - every library is imported before the memory baseline is taken
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+    import transformers.trainer  # noqa: F401
 
-    from peftlab.task import evaluate, extract_answer, generate_answers, make_splits
-    from peftlab.training import collate
+    import peftlab.training  # noqa: F401
+    from peftlab.task import evaluate, make_splits
 
     if config.load_in_4bit:
         import bitsandbytes  # noqa: F401
 
     _select_device()
     env = environment()
-    config = fit_to_machine(config, env, quiet=quiet)
-    config = settle(config, env)
+    config = settle(fit_to_machine(config, env, quiet=quiet), env)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     main_process = int(os.environ.get("RANK", 0)) == 0
@@ -420,60 +416,25 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
     model = add_adapter(model, config)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter.mark("ready to train")
-    losses, step_times = [], []
-
-    class Record(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter() - self.t)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    dataset = _Examples(tokenizer, train_set, config.max_seq_len)
     args = (make_training_arguments or training_arguments)(config, env)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=lambda items: collate(items, tokenizer.pad_token_id), callbacks=[Record()])
-    if not progress or quiet:
-        trainer.args.disable_tqdm = True
-        for callback in (ProgressCallback, PrinterCallback):  # the Trainer's bar, and the dict it prints
-            trainer.remove_callback(callback)
-    model.train()
-    train_start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - train_start
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    tokens = sum(len(ids) for ids, _ in dataset.items) / len(dataset) * config.batch_size * config.max_steps * world
+    trainer, log = _train(model, tokenizer, train_set, config, args, quiet=quiet or not progress)
+    log["load_seconds"] = load_seconds
     meter.mark("trained")
     peak, peak_source = meter.stop()
-    per_rank = _gather(peak)
     env_out = {k: v for k, v in env.items() if not k.startswith("_")}
-    results = {"config": asdict(config), "environment": env_out, "world_size": world,
+    results = {"config": asdict(config), "environment": env_out, "world_size": log["world"],
                "parameters": {"base": n_base, "trainable": n_trainable, "trainable_percent": 100 * n_trainable / n_base},
                "memory": {"predicted_bytes": {k: v for k, v in predicted.items() if k != "trainable_parameters"},
                           "measured_peak_bytes": peak, "measured_with": peak_source,
-                          "per_rank_peak_bytes": per_rank, "phases": meter.marks,
+                          "per_rank_peak_bytes": _gather(peak), "phases": meter.marks,
                           "comparison": memory_comparison(predicted, meter.marks, peak, env_out["cuda"])},
-               "timing": {"load_seconds": load_seconds, "train_seconds": train_seconds,
-                          "steps_per_second": config.max_steps / train_seconds,
-                          "tokens_per_second": tokens / train_seconds,
-                          "median_step_seconds": sorted(step_times)[len(step_times) // 2] if step_times else None},
-               "loss": losses}
+               "timing": _timing(log, config), "loss": log["losses"]}
     if not main_process:
         return results
     _write(results, out)  # the figures are safe before anything else can fail
-    model.eval()
-    results["accuracy"] = {"before": accuracy_before, "after": evaluate(model, tokenizer, test_set),
-                           "test_examples": len(test_set)}
-    results["samples"] = [{"prompt": e.text, "target": e.target, "output": extract_answer(o)} for e, o in
-                          zip(test_set[:5], generate_answers(model, tokenizer, [e.prompt for e in test_set[:5]]))]
-    _plot_losses(losses, out / "loss.png")
-    _write(results, out)
+    _evaluate(results, model, tokenizer, test_set, accuracy_before, out)
     trainer.model_wrapped = trainer.model = trainer.optimizer = trainer.lr_scheduler = None
-    del trainer
+    del trainer  # the optimizer's state goes before the merge needs its memory
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -483,6 +444,63 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
         results["adapter"] = {"error": f"{type(exc).__name__}: {exc}"}
     _write(results, out)
     return results
+
+
+def _train(model, tokenizer, train_set, config: LabConfig, args, quiet: bool):
+    """Train with the Trainer; (the trainer, its log: losses, step times, seconds, tokens, world size)."""
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+
+    from peftlab.training import collate
+
+    log = {"losses": [], "step_times": []}
+
+    class Record(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            log["step_times"].append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                log["losses"].append(float(logs["loss"]))
+
+    dataset = _Examples(tokenizer, train_set, config.max_seq_len)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=lambda items: collate(items, tokenizer.pad_token_id), callbacks=[Record()])
+    if quiet:
+        trainer.args.disable_tqdm = True
+        for callback in (ProgressCallback, PrinterCallback):  # the Trainer's bar, and the dict it prints
+            trainer.remove_callback(callback)
+    model.train()
+    start = time.perf_counter()
+    trainer.train()
+    log["train_seconds"] = time.perf_counter() - start
+    log["world"] = int(os.environ.get("WORLD_SIZE", 1))
+    log["tokens"] = (sum(len(ids) for ids, _ in dataset.items) / len(dataset) * config.batch_size * config.max_steps
+                     * log["world"])
+    return trainer, log
+
+
+def _timing(log: dict, config: LabConfig) -> dict:
+    steps = sorted(log["step_times"])
+    return {"load_seconds": log["load_seconds"], "train_seconds": log["train_seconds"],
+            "steps_per_second": config.max_steps / log["train_seconds"],
+            "tokens_per_second": log["tokens"] / log["train_seconds"],
+            "median_step_seconds": steps[len(steps) // 2] if steps else None}
+
+
+def _evaluate(results: dict, model, tokenizer, test_set, accuracy_before, out: Path) -> None:
+    """Accuracy after training, samples and the loss plot, into ``results`` (and written)."""
+    from peftlab.task import evaluate, extract_answer, generate_answers
+
+    model.eval()
+    results["accuracy"] = {"before": accuracy_before, "after": evaluate(model, tokenizer, test_set),
+                           "test_examples": len(test_set)}
+    results["samples"] = [{"prompt": e.text, "target": e.target, "output": extract_answer(o)} for e, o in
+                          zip(test_set[:5], generate_answers(model, tokenizer, [e.prompt for e in test_set[:5]]))]
+    _plot_losses(results["loss"], out / "loss.png")
+    _write(results, out)
 
 
 def memory_comparison(predicted: dict, marks: dict, peak: float, gpu: bool) -> dict:
