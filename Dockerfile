@@ -9,7 +9,7 @@
 # nvidia-* packages), so a CUDA base image would only duplicate them. The GPU driver comes from the
 # host through the NVIDIA Container Toolkit (--gpus). Without a GPU the same image runs every notebook
 # on the CPU (the lab then picks small settings and says so). torch 2.13.0's wheel for this platform
-# (manylinux_2_28_x86_64, cp311) is on PyPI (checked 2026-12-01).
+# (manylinux_2_28_x86_64, cp311) is on PyPI.
 FROM python:3.11-slim-bookworm
 
 ENV DEBIAN_FRONTEND=noninteractive \

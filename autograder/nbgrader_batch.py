@@ -6,8 +6,8 @@
 (``["autograde", "01_memory_math", "--force", ...]``). Each runs as nbgrader's own command-line app
 would, in order, in this one process, with a fresh app each time (nbgrader's apps are traitlets
 singletons: they are cleared between commands). ``RESULT.json`` gets, per command, its exit code and
-what it logged. Starting nbgrader costs about 3 s a process on the reference machine; a run of eight
-assignments used to start 17 of them.
+what it logged. Starting nbgrader costs about 3 s a process on the reference machine, and a run of
+eight assignments has 17 commands (autograde and feedback for each, and the export).
 
 The grader runs this in a subprocess of its own, in the repository root, so that nbgrader reads the
 course's configuration (`nbgrader_config.py`) as its commands do.
