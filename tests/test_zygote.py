@@ -249,7 +249,7 @@ def test_without_a_zygote_kernels_start_cold(tmp_path, fresh_zygotes, monkeypatc
     def broken(env, timeout=180):
         raise RuntimeError("the zygote did not start: no answer")
 
-    monkeypatch.setattr(kernel_module, "Zygote", broken)
+    monkeypatch.setattr(launch, "Zygote", broken)
     kernel = started(tmp_path, "cold", warm=True)
     try:
         assert not kernel.warm and kernel.run("print(1)").status == "ok"
