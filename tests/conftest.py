@@ -85,7 +85,16 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
 
 
+# Fixtures that run whole notebooks or grade a class: a test that uses one is in the slow tier whatever
+# its marks say (one unmarked test made the quick tier wait minutes for the grading class).
+SLOW_FIXTURES = {"graded", "executed_solution"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     for item in items:  # a new module-scoped fixture elsewhere would be set up once per worker: say so

@@ -846,7 +846,6 @@ def test_each_submission_is_graded_as_expected(graded, name):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_forged_report_costs_the_judge_no_time(graded):
     """The forged report (150,000 colliding keys) is refused unread: its notebook takes about an honest one's time."""
     forged, honest = graded["report"]["forged_report"], graded["report"]["honest"]
@@ -864,6 +863,7 @@ def test_what_a_kernel_sends_does_not_grow_the_grader(graded):
         assert honest and big is not None and big <= 1.2 * max(honest), (name, big, sorted(honest))
 
 
+@pytest.mark.slow
 def test_distinct_names_stay_distinct_students(graded):
     rows = graded["report"]
     ids = [rows[name]["student"] for name in NAMES]
