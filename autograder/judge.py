@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass, field
 
 from peftlab import probe
+from peftlab.rules import message
 
 BEGIN, END = "### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS"
 # All the reports of one notebook (the course's notebooks send at most 1.6 MB and 400 items in all).
@@ -120,32 +121,6 @@ def split_test(source: str) -> tuple[str, str | None]:
     return source, None
 
 
-def bound_names(source: str) -> set[str]:
-    """Names a cell binds in the notebook's namespace (definitions, assignments, imports at its top
-    level, not the local variables of the functions it defines)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
-    names = set()
-
-    def visit(node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-            return
-        if isinstance(node, ast.Lambda):
-            return
-        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(tree)
-    return names
-
-
 def used_names(source: str) -> set[str]:
     try:
         tree = ast.parse(source)
@@ -190,8 +165,7 @@ class Judge:
         if hit:
             name, why = hit
             self.flags.append(f"{grade_id} scored no points: {name} {why} (the tests' reference code)")
-            self.verdicts[grade_id] = Verdict(False, "ReferenceCodeUsed", f"{name} {why}, the tests' reference code: "
-                                              "an answer that uses it scores no points for this test")
+            self.verdicts[grade_id] = Verdict(False, "ReferenceCodeUsed", message(name, why))
             return self.verdicts[grade_id]
         visible, hidden = split_test(source)
         verdict = self._exec(grade_id, visible, self.namespace, hidden=False)

@@ -30,9 +30,9 @@ import nbformat
 from nbformat.v4 import new_code_cell
 
 from autograder import oracles
-from autograder.judge import bound_names
 from autograder.records import Job, Submission
 from autograder.release import nbgrader_batch
+from peftlab.rules import bound_names
 
 MAX_BYTES = 200 * 1024 * 1024  # larger files are refused unread
 MAX_MARKDOWN = 100 * 1024      # a Markdown answer is cut beyond this (rendering some Markdown is cubic)

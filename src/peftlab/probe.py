@@ -342,10 +342,14 @@ def _decode_tensor(data: dict):
 
 
 def _local_runner(func, args, kwargs):
-    """In a notebook: run the function here, with the same conversions the grader applies."""
+    """In a notebook: run the function here, with the same conversions and the same rule on the answers it
+    calls (`peftlab.rules`) as the grader applies."""
     if func.__code__.co_freevars:
         raise TypeError(f"@observe function {func.__name__} uses variables of an enclosing function "
                         f"({', '.join(func.__code__.co_freevars)}); pass them as arguments")
+    from peftlab.rules import check_observed
+
+    check_observed(func)
     args, kwargs = loads(dumps((tuple(args), dict(kwargs))))
     state = _random_state()
     try:
