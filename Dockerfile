@@ -41,6 +41,9 @@ RUN pip install --upgrade pip \
 
 COPY --chown=peft:peft src ./src
 COPY --chown=peft:peft course ./course
+# The students' JupyterLab, as scripts/lab.sh opens it: no nbgrader instructor tools, no news pop-up.
+COPY --chown=peft:peft scripts/student-lab ./scripts/student-lab
+ENV JUPYTER_CONFIG_PATH=/home/peft/peft-lab/scripts/student-lab
 RUN pip install --no-deps -e . \
     && python -m peftlab.models
 
