@@ -248,3 +248,17 @@ def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = No
 
     variants_test = test_tests_accept_correct_variant if correct_variants else None  # None: nothing to collect
     return test_solution_passes_the_graded_path, test_tests_reject_mistake, variants_test
+
+
+def stop_group(process, timeout: float = 20) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started (its kernels):
+    SIGTERM to the group, SIGKILL after ``timeout`` seconds."""
+    import signal
+    import subprocess
+
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from notebooks import COURSE, ROOT, SOLUTIONS
+from notebooks import COURSE, ROOT, SOLUTIONS, stop_group
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -98,12 +97,7 @@ def lab(tmp_path_factory):
                 time.sleep(0.5)
         yield url, token, root
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the kernels it started
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)  # the server and the kernels it started
         log.close()
 
 

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from notebooks import ROOT, stop_group
+
 INSTRUCTOR_TOOLS = {"@jupyter/nbgrader:assignment-list", "@jupyter/nbgrader:course-list",
                     "@jupyter/nbgrader:create-assignment", "@jupyter/nbgrader:formgrader", "@jupyter/nbgrader:menu"}
 NEWS = "@jupyterlab/apputils-extension:announcements"
@@ -55,12 +55,7 @@ def _page_config(tmp_path: Path, extra_env: dict) -> tuple[dict, str]:
                     raise AssertionError(f"JupyterLab did not start:\n{(tmp_path / 'lab.log').read_text()[-3000:]}")
                 time.sleep(0.5)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_group(server)  # the server and the kernels it started
         log.close()
     data = re.search(r'<script id="jupyter-config-data" type="application/json">(.*?)</script>', page, re.S)
     return json.loads(html.unescape(data.group(1))), (tmp_path / "lab.log").read_text()
