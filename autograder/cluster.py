@@ -53,7 +53,7 @@ def grade_remote(job: str, notebook: str) -> dict:
             worker = None
         if worker is None or not worker.alive():
             worker = WorkerProcess()
-        error = worker.grade(local, local.notebook_timeout + 240)
+        error = worker.grade(local)
         if error is None:
             _IDLE.put(worker)
         result, output = Path(local.result), Path(local.output)

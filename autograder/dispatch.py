@@ -13,16 +13,14 @@ from pathlib import Path
 import nbformat
 
 from autograder.records import Job, Result, Submission
-from autograder.worker import WorkerProcess, convert_models_once
-
-SLACK_SECONDS = 240  # a job's timeout beyond its notebook's: the grading process's start, judge and shutdown
+from autograder.worker import SLACK_SECONDS, WorkerProcess, convert_models_once
 
 
 class Workers:
     """``n`` long-lived `autograder.worker` processes grading the jobs between them."""
 
-    def __init__(self, n: int, job_timeout: float):
-        self.n, self.job_timeout = max(1, n), job_timeout
+    def __init__(self, n: int):
+        self.n = max(1, n)
 
     def run(self, jobs: list[Job], on_done) -> None:
         todo: queue.Queue = queue.Queue()
@@ -38,7 +36,7 @@ class Workers:
                     break
                 if worker is None or not worker.alive():
                     worker = WorkerProcess()
-                error = worker.grade(job, self.job_timeout)
+                error = worker.grade(job)
                 if error:
                     worker = None
                 on_done(job, error)
@@ -110,13 +108,12 @@ def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str
                 bar.update(1)
 
     jobs = [job for job, _ in pairs]
-    timeout = max((job.notebook_timeout for job in jobs), default=0) + SLACK_SECONDS
     if scheduler:
         from autograder.cluster import Cluster
 
-        Cluster(scheduler, timeout).run(jobs, done)
+        Cluster(scheduler, max((job.notebook_timeout for job in jobs), default=0) + SLACK_SECONDS).run(jobs, done)
     else:
-        Workers(workers, timeout).run(jobs, done)
+        Workers(workers).run(jobs, done)
     if bar is not None:
         bar.close()
     return executed

@@ -30,6 +30,7 @@ from autograder.records import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 DONE = "PEFTLAB-DONE"
+SLACK_SECONDS = 240  # a job's time beyond its notebook's limit: the grading process's start, judge and shutdown
 
 
 def _die_with_parent() -> None:
@@ -113,9 +114,10 @@ class WorkerProcess:
         self.log.seek(max(0, self.log.tell() - size))
         return self.log.read().decode(errors="replace").strip()
 
-    def grade(self, job: Job, timeout: float) -> str | None:
-        """Grade ``job`` (its ``job.json`` is written into its folder); the error, or None. After an
-        error the process is stopped."""
+    def grade(self, job: Job) -> str | None:
+        """Grade ``job`` (its ``job.json`` is written into its folder) within its notebook's limit and
+        `SLACK_SECONDS`; the error, or None. After an error the process is stopped."""
+        timeout = job.notebook_timeout + SLACK_SECONDS
         path = str(Path(job.folder) / "job.json")
         Path(path).write_text(job.to_json())
         error = None
