@@ -15,11 +15,22 @@ when the cell that defines it does, directly or through another name defined in 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 
 REFERENCE = "peftlab.reference"
 _DOTTED = re.compile(r"[A-Za-z_][\w.]*")
 _DECLARED: list[str] = []
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(source: str) -> ast.Module | None:
+    """A cell's syntax tree (None when it does not parse), read once: a notebook's visible tests read
+    the same cells again at every call. Callers never change the tree."""
+    try:
+        return ast.parse(source)
+    except SyntaxError:
+        return None
 
 
 def reference_names() -> frozenset[str]:
@@ -40,9 +51,8 @@ def message(name: str, why: str) -> str:
 def bound_names(source: str) -> set[str]:
     """Names a cell binds in the notebook's namespace (definitions, assignments, imports at its top
     level, not the local variables of the functions it defines)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = _parse(source)
+    if tree is None:
         return set()
     names = set()
 
@@ -122,9 +132,8 @@ def direct_use(source: str, origins: dict[str, str], entries: list[str], own: se
                reference_names: frozenset[str] = frozenset()) -> str | None:
     """Why ``source`` uses a listed name by itself (None when it does not). ``origins``: what the
     notebook's own imports bound; ``own``: names the student's cells bind (never counted bare)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+    tree = _parse(source)
+    if tree is None:
         return None
     local = {**origins, **_imports(tree)}
     for node in ast.walk(tree):
@@ -161,10 +170,11 @@ def direct_use(source: str, origins: dict[str, str], entries: list[str], own: se
 
 def free_names(source: str) -> set[str]:
     """Names a cell loads but never binds itself (arguments, locals and definitions excluded)."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
+    tree = _parse(source)
+    return _free(tree) if tree is not None else set()
+
+
+def _free(tree) -> set[str]:
     loaded, bound = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
@@ -180,26 +190,19 @@ def free_names(source: str) -> set[str]:
 
 def _defined(source: str) -> set[str]:
     """Names a cell binds other than by importing them."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
-    return bound_names(source) - set(_imports(ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
-                                                         type_ignores=[])))
+    tree = _parse(source)
+    return bound_names(source) - set(_imports(tree)) if tree is not None else set()
 
 
 def observed_names(test_source: str) -> set[str]:
     """The global names the ``@observe`` functions of a test cell load: what the test calls of the answers."""
-    try:
-        tree = ast.parse(test_source)
-    except SyntaxError:
-        return set()
+    tree = _parse(test_source)
     names = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(tree) if tree is not None else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
                 isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "observe"
                 for d in node.decorator_list):
-            names |= free_names(ast.unparse(ast.Module(body=node.body, type_ignores=[]))) - {a.arg for a in node.args.args}
+            names |= _free(ast.Module(body=node.body, type_ignores=[])) - {a.arg for a in node.args.args}
     return names
 
 
@@ -221,10 +224,10 @@ def violation(names: set[str], cells: list[str], entries: list[str],
     another name defined there; None otherwise."""
     origins, definers = {}, {}
     for source in cells:
-        try:
-            origins.update(_imports(ast.parse(source)))
-        except SyntaxError:
+        tree = _parse(source)
+        if tree is None:
             continue
+        origins.update(_imports(tree))
         for name in _defined(source):
             definers[name] = source
     own, memo = set(definers), {}
