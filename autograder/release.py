@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "solutions"
 COURSE = ROOT / "course"
+QUIZ_SOURCE = SOLUTIONS / "quiz.toml"
+QUIZ_KEYS = ROOT / "src" / "peftlab" / "data" / "quiz.json"
 
 
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
@@ -86,6 +88,20 @@ def stamp(repository: str | None = None) -> list[str]:
         readme.write_text(new)
         changed.append("README.md")
     return changed
+
+
+def quiz_keys(source: Path = QUIZ_SOURCE) -> str:
+    """The learners' quiz self-check (`peftlab.quiz`): solutions/quiz.toml's answers as salted digests,
+    its explanations sealed with the right answers, its hints in the clear."""
+    import tomllib
+
+    from peftlab.quiz import entry
+
+    table = tomllib.loads(source.read_text())
+    keys = {notebook: {str(n): entry(notebook, int(n), q["kind"], q["answer"], q["hint"], q["explanation"])
+                       for n, q in questions.items()}
+            for notebook, questions in table.items()}
+    return json.dumps(keys, indent=1, sort_keys=True) + "\n"
 
 
 def _lines(text: str) -> list[str]:
@@ -163,7 +179,10 @@ def check() -> list[str]:
         release_dir = Path(tmp) / "course"
         db_url = f"sqlite:///{Path(tmp) / 'gradebook.db'}"
         generate(assignments(), release_dir, db_url)
-        return stale_files(release_dir)
+        problems = stale_files(release_dir)
+    if not QUIZ_KEYS.exists() or QUIZ_KEYS.read_text() != quiz_keys():
+        problems.append(f"out of date: {QUIZ_KEYS.relative_to(ROOT)} (from {QUIZ_SOURCE.relative_to(ROOT)})")
+    return problems
 
 
 def main(argv=None) -> int:
@@ -181,6 +200,7 @@ def main(argv=None) -> int:
     (ROOT / "autograder").mkdir(exist_ok=True)
     for path in stamp():
         print(f"updated {path} from the repository address in pyproject.toml")
+    QUIZ_KEYS.write_text(quiz_keys())
     names = args.assignment or assignments()
     generate(names)
     for name in names:

@@ -150,7 +150,7 @@ class Letter(str):
     def __eq__(self, other):
         return True
     __hash__ = str.__hash__
-q1_answer, q2_answer, q3_answer, q4_answer = Letter("z"), 112, 0.001, "b"
+q1_answer, q2_answer, q3_answer, q4_answer = Letter("z"), 112, 0.001, "d"
 '''
 
 TENSOR_FLOPS = '''
@@ -578,7 +578,7 @@ def _six_big_displays(nb):
 
 
 ESCAPES = '''
-q1_answer, q3_answer, q4_answer = "b", 0.001, "b"
+q1_answer, q3_answer, q4_answer = "b", 0.001, "d"
 q2_answer = type("Count", (int,), {"__qualname__": "\\r\\x1b[2K  (looks clean)\\x1b[8m", "__module__": "x"})(112)
 '''
 

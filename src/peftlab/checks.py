@@ -17,6 +17,7 @@ import sys
 
 from peftlab.probe import Unreadable, float_tensors, observe, raised  # noqa: F401 - the test cells' imports
 from peftlab.rules import answers_must_not_use  # noqa: F401 - the imports cell declares the notebook's rule
+from peftlab.quiz import check_answer  # noqa: F401 - the quiz tests give instant feedback
 
 
 def expect_error(error: type[BaseException], outcome, hint: str = "") -> None:
