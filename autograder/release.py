@@ -5,6 +5,8 @@
 
 Before generating, `stamp` writes the repository's address (pyproject.toml's ``Repository``) into every
 notebook's Colab badge and setup cell and the README's course map: publishing elsewhere is one edit.
+`attach_diagrams` attaches to the markdown cells the diagrams they show (drawn by `peftlab.diagrams`),
+and `quiz_keys` writes the quizzes' self-check (src/peftlab/data/quiz.json) from solutions/quiz.toml.
 
 `solutions/` is the only place to edit notebooks: nbgrader replaces each solution with a stub that
 raises NotImplementedError, strips hidden tests and outputs, and records the assignment in the
@@ -87,6 +89,33 @@ def stamp(repository: str | None = None) -> list[str]:
     if new != text:
         readme.write_text(new)
         changed.append("README.md")
+    return changed
+
+
+_ATTACHMENT = re.compile(r"\]\(attachment:([\w.-]+\.svg)\)")
+
+
+def attach_diagrams(write: bool = True) -> list[str]:
+    """Attach to each markdown cell of solutions/ the diagrams it shows (``![...](attachment:NAME.svg)``),
+    drawn by `peftlab.diagrams`, and nothing else. Returns the notebooks that changed (or would)."""
+    from peftlab.diagrams import attachment
+
+    drawn, changed = {}, []
+    for name in assignments():
+        path = SOLUTIONS / name / f"{name}.ipynb"
+        text = path.read_text()
+        nb = json.loads(text)
+        for cell in nb["cells"]:
+            wanted = sorted(set(_ATTACHMENT.findall("".join(cell["source"])))) if cell["cell_type"] == "markdown" else []
+            if wanted:
+                cell["attachments"] = {n: drawn.setdefault(n, attachment(n)) for n in wanted}
+            else:
+                cell.pop("attachments", None)
+        new = json.dumps(nb, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+        if new != text:
+            changed.append(str(path.relative_to(ROOT)))
+            if write:
+                path.write_text(new)
     return changed
 
 
@@ -180,6 +209,7 @@ def check() -> list[str]:
         db_url = f"sqlite:///{Path(tmp) / 'gradebook.db'}"
         generate(assignments(), release_dir, db_url)
         problems = stale_files(release_dir)
+    problems += [f"diagrams out of date: {path}" for path in attach_diagrams(write=False)]
     if not QUIZ_KEYS.exists() or QUIZ_KEYS.read_text() != quiz_keys():
         problems.append(f"out of date: {QUIZ_KEYS.relative_to(ROOT)} (from {QUIZ_SOURCE.relative_to(ROOT)})")
     return problems
@@ -200,6 +230,8 @@ def main(argv=None) -> int:
     (ROOT / "autograder").mkdir(exist_ok=True)
     for path in stamp():
         print(f"updated {path} from the repository address in pyproject.toml")
+    for path in attach_diagrams():
+        print(f"attached the diagrams {path} shows")
     QUIZ_KEYS.write_text(quiz_keys())
     names = args.assignment or assignments()
     generate(names)
