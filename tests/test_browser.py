@@ -351,3 +351,133 @@ def test_formgrader_lists_the_assignments(page, lab):
     listed = table.inner_text()
     for assignment in sorted(p.name for p in SOLUTIONS.iterdir() if p.is_dir()):
         assert assignment in listed, f"{assignment} missing from the formgrader"
+
+
+# ---- The student's JupyterLab (scripts/lab.sh's configuration) -------------------------------------
+
+DIAGRAMS = {"02_soft_prompts": ["virtual_tokens.svg"], "03_prefix_tuning": ["virtual_tokens.svg", "kv_cache.svg"],
+            "04_lora": ["lora_bypass.svg"], "06_qlora": ["qlora_dataflow.svg"]}
+FORBIDDEN_ANSWER = '''def soft_prompt_param_count(config, num_virtual_tokens):
+    from peft import PromptTuningConfig, get_peft_model
+    from peftlab.models import tiny_llama
+    model = get_peft_model(tiny_llama(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
+    return num_virtual_tokens * config.hidden_size
+'''
+
+
+def _set_cell(path: Path, cell_id: str, source: str) -> None:
+    nb = nbformat.read(path, as_version=4)
+    next(c for c in nb.cells if c.get("id") == cell_id).source = source
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def student_lab(tmp_path_factory):
+    """JupyterLab with the student configuration lab.sh uses (scripts/student-lab), over a copy of
+    course/ in which 04's quiz has one wrong answer and 02's first answer uses a forbidden library."""
+    root = tmp_path_factory.mktemp("student-root")
+    shutil.copytree(COURSE, root / "course")
+    _set_cell(root / "course" / "04_lora" / "04_lora.ipynb", "quiz_answers",
+              'q1_answer = 131072\nq2_answer = "a"\nq3_answer = 0.5')
+    _set_cell(root / "course" / "02_soft_prompts" / "02_soft_prompts.ipynb", "soft_prompt_count", FORBIDDEN_ANSWER)
+    home = tmp_path_factory.mktemp("student-home")
+    settings = home / "lab-settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))  # see `lab`
+    port, token = _free_port(), secrets.token_hex(16)
+    env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_PATH": str(ROOT / "scripts" / "student-lab"),
+           "JUPYTERLAB_SETTINGS_DIR": str(home / "lab-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "ws"),
+           "JUPYTER_CONFIG_DIR": str(home / ".jupyter"), "IPYTHONDIR": str(home / ".ipython"),
+           "MPLCONFIGDIR": str(home / ".mpl"), "HF_HUB_OFFLINE": "1"}
+    log = (home / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
+         f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root / 'course'}", "--ServerApp.allow_root=True"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"JupyterLab did not start:\n{(home / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url, token, root / "course"
+    finally:
+        stop_group(server)
+        log.close()
+
+
+def _cells(page):
+    return page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+
+
+def run_cells(page, indices, timeout: int = 120_000) -> None:
+    """Run the cells at ``indices`` one by one, as a student does (select, Ctrl+Enter), each to its end."""
+    for index in indices:
+        cell = _cells(page).nth(index)
+        cell.scroll_into_view_if_needed()
+        cell.locator(".jp-InputPrompt").first.click()
+        page.keyboard.press("Control+Enter")
+        accept_kernel_choice(page, timeout=1_000)
+        page.wait_for_function(
+            """([i]) => { const cells = document.querySelectorAll(
+                   '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell');
+                 const p = cells[i] && cells[i].querySelector('.jp-InputPrompt');
+                 return p && /\\[\\d+\\]/.test(p.textContent); }""", arg=[index], timeout=timeout)
+
+
+def test_students_see_no_instructor_tools_and_no_news(page, student_lab):
+    open_notebook(page, student_lab, "01_memory_math/01_memory_math.ipynb")
+    page.wait_for_timeout(4_000)  # the news question, when enabled, shows within a second or two of opening
+    text = page.locator("body").inner_text()
+    assert "official Jupyter news" not in text, "the news pop-up is shown"
+    assert page.locator(".jp-Toast-content, .Toastify__toast").count() == 0, "a notification is shown"
+    menus = page.locator(".lm-MenuBar-item").all_inner_texts()
+    assert not any("Nbgrader" in m or "Formgrader" in m for m in menus), menus
+    tabs = " ".join(page.locator(".lm-TabBar-tab").all_inner_texts() + page.locator(".lm-TabBar-tab").evaluate_all(
+        "tabs => tabs.map(t => t.getAttribute('title') || '')"))
+    assert "Create Assignment" not in tabs and "Assignment" not in tabs and "Courses" not in tabs, tabs
+    assert page.locator(".validate-button").count() >= 1, "Validate stays for students"
+
+
+@pytest.mark.parametrize("notebook", sorted(DIAGRAMS))
+def test_every_diagram_shows_before_anything_runs(page, student_lab, notebook):
+    open_notebook(page, student_lab, f"{notebook}/{notebook}.ipynb")
+    images = page.locator(".jp-MarkdownCell .jp-RenderedMarkdown img")
+    images.first.wait_for(state="attached", timeout=60_000)
+    assert images.count() == len(DIAGRAMS[notebook]), images.count()
+    for i in range(images.count()):
+        image = images.nth(i)
+        image.scroll_into_view_if_needed()
+        page.wait_for_function("img => img.complete && img.naturalWidth > 200", arg=image.element_handle(), timeout=20_000)
+        assert len(image.get_attribute("alt") or "") > 200, "each diagram has a text alternative"
+        image.screenshot(path=str(ARTIFACTS / f"{notebook}_diagram_{i}.png"))
+
+
+def _output(page, index: int) -> str:
+    return _cells(page).nth(index).locator(".jp-OutputArea").inner_text()
+
+
+def test_the_quiz_answers_at_once(page, student_lab):
+    open_notebook(page, student_lab, "04_lora/04_lora.ipynb")
+    nb = nbformat.read(student_lab[2] / "04_lora" / "04_lora.ipynb", as_version=4)
+    index = {c.get("id"): i for i, c in enumerate(nb.cells)}
+    run_cells(page, [index["setup"], index["imports"], index["quiz_answers"], index["quiz_q1"], index["quiz_q2"]])
+    right, wrong = _output(page, index["quiz_q1"]), _output(page, index["quiz_q2"])
+    assert "Q1: correct." in right and "131,072" in right, right  # the explanation comes with it
+    assert "Q2: not yet" in wrong and "Hint:" in wrong and "correct." not in wrong, wrong
+    _cells(page).nth(index["quiz_q2"]).screenshot(path=str(ARTIFACTS / "04_quiz_not_yet.png"))
+
+
+def test_a_forbidden_library_fails_the_visible_test_with_the_rule(page, student_lab):
+    open_notebook(page, student_lab, "02_soft_prompts/02_soft_prompts.ipynb")
+    nb = nbformat.read(student_lab[2] / "02_soft_prompts" / "02_soft_prompts.ipynb", as_version=4)
+    index = {c.get("id"): i for i, c in enumerate(nb.cells)}
+    run_cells(page, [index["setup"], index["imports"], index["soft_prompt_count"], index["soft_prompt_count_values"]])
+    text = _output(page, index["soft_prompt_count_values"])
+    assert "peft" in text and "an answer must be your own work" in text, text[-1500:]

@@ -35,6 +35,20 @@ def test_solution_runs_top_to_bottom_and_passes_every_test(path, executed_soluti
         assert not stderr, f"{grade_id} writes to stderr, which nbgrader scores as a failure: {stderr}"
 
 
+# The pictures drawn from what a cell measures (the diagrams are attachments: test_browser, test_diagrams).
+DATA_PICTURES = {"05_quantization": ["quant-levels-plot"], "06_qlora": ["qlora-12"], "07_gpu_lab": ["lab-13"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DATA_PICTURES))
+def test_measured_pictures_are_drawn(name, executed_solution):
+    nb, _, _ = executed_solution(name)
+    cells = {c.get("id"): c for c in nb.cells}
+    for cell_id in DATA_PICTURES[name]:
+        images = [o for o in cells[cell_id].outputs if "image/png" in o.get("data", {})]
+        assert images, f"{name}: cell {cell_id} drew no picture"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RELEASE_NBS, ids=ids)
 def test_release_stubs_fail_every_graded_test(path):
