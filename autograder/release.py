@@ -92,11 +92,11 @@ def stamp(repository: str | None = None) -> list[str]:
     return changed
 
 
-_ATTACHMENT = re.compile(r"\]\(attachment:([\w.-]+\.svg)\)")
+_ATTACHMENT = re.compile(r"\]\(attachment:([\w.-]+\.png)\)")
 
 
 def attach_diagrams(write: bool = True) -> list[str]:
-    """Attach to each markdown cell of solutions/ the diagrams it shows (``![...](attachment:NAME.svg)``),
+    """Attach to each markdown cell of solutions/ the diagrams it shows (``![...](attachment:NAME.png)``),
     drawn by `peftlab.diagrams`, and nothing else. Returns the notebooks that changed (or would)."""
     from peftlab.diagrams import attachment
 

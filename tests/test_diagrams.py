@@ -41,11 +41,11 @@ def test_the_attached_diagrams_are_the_drawn_ones():
 
 
 @pytest.mark.parametrize("name", sorted(diagrams.DIAGRAMS))
-def test_a_diagram_is_the_same_svg_every_time_with_its_text_as_text(name):
-    first = diagrams.svg(name)
-    assert first == diagrams.svg(name)
-    assert first.startswith(b"<?xml") and b"<text" in first and len(first) < 60_000
-    attached = diagrams.attachment(name)["image/svg+xml"]
+def test_a_diagram_is_the_same_png_every_time(name):
+    first = diagrams.png(name)
+    assert first == diagrams.png(name)
+    assert first.startswith(b"\x89PNG") and len(first) < 150_000
+    attached = diagrams.attachment(name)["image/png"]
     assert base64.b64decode(attached) == first
 
 
@@ -55,3 +55,12 @@ def test_the_solutions_show_what_the_release_shows():
         ours = [c.get("attachments") for c in nbformat.read(path, as_version=4).cells if c.get("attachments")]
         theirs = [c.get("attachments") for c in release.cells if c.get("attachments")]
         assert ours == theirs, path.parent.name
+
+
+def test_the_feedback_page_shows_the_diagrams():
+    """nbgrader's feedback is nbconvert's HTML, whose markdown filter embeds cell attachments."""
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(COURSE / "03_prefix_tuning" / "03_prefix_tuning.ipynb", as_version=4)
+    html, _ = HTMLExporter().from_notebook_node(nb)
+    assert html.count('src="data:image/png;base64,') == 2

@@ -1,8 +1,9 @@
 """The course's explanatory diagrams, drawn with matplotlib.
 
-`autograder/release.py` renders each one to SVG and attaches it to the solutions' markdown cell that
-shows it (``![text alternative](attachment:NAME.svg)``), so a diagram shows before any cell runs, in
-JupyterLab, Colab and nbgrader's feedback, offline. Data plots are not here: the notebooks draw them
+`autograder/release.py` renders each one to PNG and attaches it to the solutions' markdown cell that
+shows it (``![text alternative](attachment:NAME.png)``), so a diagram shows before any cell runs, in
+JupyterLab, Colab and nbgrader's feedback, offline. (PNG, not SVG: JupyterLab 4 renders a markdown
+attachment only in the raster image types.) Data plots are not here: the notebooks draw them
 from what their cells measure (`peftlab.plots`).
 """
 
@@ -201,23 +202,24 @@ def qlora_dataflow():
     return fig
 
 
-DIAGRAMS = {"lora_bypass.svg": lora_bypass, "virtual_tokens.svg": virtual_tokens, "kv_cache.svg": kv_cache,
-            "qlora_dataflow.svg": qlora_dataflow}
+DIAGRAMS = {"lora_bypass.png": lora_bypass, "virtual_tokens.png": virtual_tokens, "kv_cache.png": kv_cache,
+            "qlora_dataflow.png": qlora_dataflow}
+DPI = 110
 
 
-def svg(name: str) -> bytes:
-    """The diagram as SVG, the same bytes on every run (fixed ids, no date), text kept as text."""
+def png(name: str) -> bytes:
+    """The diagram as PNG, the same bytes on every run with the pinned matplotlib (no metadata)."""
     import matplotlib
     import matplotlib.pyplot as plt
 
-    with matplotlib.rc_context({"svg.hashsalt": "peftlab", "svg.fonttype": "none", "font.family": "DejaVu Sans"}):
+    with matplotlib.rc_context({"font.family": "DejaVu Sans"}):
         fig = DIAGRAMS[name]()
         out = io.BytesIO()
-        fig.savefig(out, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+        fig.savefig(out, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)
     return out.getvalue()
 
 
 def attachment(name: str) -> dict:
     """A notebook cell attachment (nbformat: base64 data, as JupyterLab and nbconvert read it)."""
-    return {"image/svg+xml": base64.b64encode(svg(name)).decode()}
+    return {"image/png": base64.b64encode(png(name)).decode()}

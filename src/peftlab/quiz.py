@@ -1,7 +1,8 @@
 """Instant feedback on the quizzes, without the answers in the release.
 
-Each quiz question's visible test calls `check_answer(notebook, question, answer)`. It says "correct"
-with the question's explanation, or raises "not yet" with a hint. The release holds, per question, a
+Each quiz question's visible test calls `check_answer(notebook, question, answer)`, asserts that the
+answer is right and prints the feedback: "correct" with the question's explanation, or "not yet" with a
+hint. The release holds, per question, a
 salted SHA-256 digest of the right answer in its canonical form and the explanation sealed with a key
 derived from that answer (`data/quiz.json`, written by `autograder/release.py` from
 `solutions/quiz.toml`): the explanation can be read only by giving the right answer.
@@ -88,12 +89,14 @@ def explanation(notebook: str, question: int, answer) -> str | None:
     return unseal(key["explanation"], key["salt"], canon)
 
 
-def check_answer(notebook: str, question: int, answer) -> None:
-    """Print "correct" and the explanation, or raise AssertionError "not yet" with the question's hint."""
+def check_answer(notebook: str, question: int, answer) -> tuple[bool, str]:
+    """(right, feedback): "Qn: correct." with the explanation, or "Qn: not yet." with the question's
+    hint. A test cell asserts ``right`` with the feedback as its message, so a learner's traceback
+    shows the test's own line, and prints the feedback."""
     key = _keys()[notebook][str(question)]
     text = explanation(notebook, question, answer)
     if text is None:
         rule = {"count": " (a count is checked exactly)",
                 "number": " (numbers are checked to three significant figures)"}.get(key["kind"], "")
-        raise AssertionError(f"Q{question}: not yet{rule}. Hint: {key['hint']}")
-    print(f"Q{question}: correct. {text}")
+        return False, f"Q{question}: not yet{rule}. Hint: {key['hint']}"
+    return True, f"Q{question}: correct. {text}"
