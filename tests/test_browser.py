@@ -469,3 +469,10 @@ def test_a_forbidden_library_fails_the_visible_test_with_the_rule(page, student_
     run_cells(page, [index["setup"], index["imports"], index["soft_prompt_count"], index["soft_prompt_count_values"]])
     text = _output(page, index["soft_prompt_count_values"])
     assert "peft" in text and "an answer must be your own work" in text, text[-1500:]
+
+
+def test_instructors_keep_their_tools(page, lab):
+    """The other side of the student view: the same checks see nbgrader's tools where they are on."""
+    open_notebook(page, lab, "solutions/01_memory_math/01_memory_math.ipynb")
+    menus = page.locator(".lm-MenuBar-item").all_inner_texts()
+    assert any("Nbgrader" in m for m in menus), menus
