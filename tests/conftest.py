@@ -154,7 +154,7 @@ def executed_solution(tmp_path_factory):
     of its folder (what it writes, such as the lab's ``lab_output``, stays in the session's temporary
     folder). One execution per session, shared by every check that needs it; a failure is kept too, and
     raised again for each of them. The last cell is `notebooks.REACHABLE_PROBE`. Returns ``(notebook,
-    folder, seconds)``."""
+    folder, seconds)``. Its plots are outputs (the inline backend), whatever MPLBACKEND says."""
     done: dict[str, tuple] = {}
 
     def run(name: str):
@@ -164,7 +164,8 @@ def executed_solution(tmp_path_factory):
                             ignore=shutil.ignore_patterns("lab_output", ".ipynb_checkpoints"))
             start = time.perf_counter()
             try:
-                done[name] = (execute(folder / f"{name}.ipynb", extra_cells=[REACHABLE_PROBE]), folder,
+                done[name] = (execute(folder / f"{name}.ipynb", extra_cells=[REACHABLE_PROBE],
+                                      first_cells=["%matplotlib inline"]), folder,  # plots as outputs
                               time.perf_counter() - start)
             except Exception as exc:  # noqa: BLE001 - every check that needs it fails with the same reason
                 done[name] = exc

@@ -51,14 +51,16 @@ def hidden_test_lines(nb) -> list[str]:
     return lines
 
 
-def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_cells=(), skip_tags=()):
+def execute(path: Path, timeout: int = 600, allow_errors: bool = False, extra_cells=(), skip_tags=(), first_cells=()):
     """Execute a notebook top to bottom in a fresh kernel, in the notebook's own folder; the code of
-    ``extra_cells`` runs after its last cell; cells tagged with one of ``skip_tags`` are left out."""
+    ``first_cells`` runs before its first cell and that of ``extra_cells`` after its last; cells tagged
+    with one of ``skip_tags`` are left out."""
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if not set(skip_tags) & set(c.get("metadata", {}).get("tags", []))]
     nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
+    nb.cells[:0] = [nbformat.v4.new_code_cell(source) for source in first_cells]
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", allow_errors=allow_errors,
                             resources={"metadata": {"path": str(path.parent)}})
     client.execute()

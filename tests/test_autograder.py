@@ -692,8 +692,9 @@ def cases(root: Path, listener: Listener, zip_path: Path) -> dict:
                                 FULL, r"suspicious code \(network\)"),
         "script_in_outputs": (student(answers={"quiz_answers": SCRIPT_OUTPUT + a["quiz_answers"]}), FULL, None),
         "script_in_markdown": (student(_script_in_markdown), FULL, None),
-        "wrong_hidden_answer": (student(answers={"quiz_answers": a["quiz_answers"].replace("q3_answer = 0.001", "q3_answer = 0.01")}),
-                                FULL - 1, None),
+        # passes every visible test (the quiz now checks its answers visibly): only a hidden case fails
+        "wrong_hidden_answer": (student(answers={MEMORY_FN: a[MEMORY_FN].replace("return round(", "return math.ceil(")}),
+                                FULL - 2, None),
         # found by a review that attacked this grader (each scored points it should not, or hurt the run)
         "sloppy": (student(answers=SLOPPY), FULL - 2, None),
         # targets the hidden calls by their @observe name, which the kernel no longer sees: graded as sloppy
