@@ -5,6 +5,7 @@ from notebooks import SOLUTIONS, mutation_tests
 NB = SOLUTIONS / "06_qlora" / "06_qlora.ipynb"
 
 LIN, MEM, CFG = "qlora_linear", "qlora_memory", "configs"
+APPLY = "result = LinearNF4.apply(x, self.weight_4bit, self.quant_state, self.bias)"
 MUTANTS = {
     "keeps the float base layer": (LIN, "self.register_buffer(\"weight_4bit\", packed)",
                                    "self.register_buffer(\"weight_4bit\", packed)\n        self.base_layer = base_layer",
@@ -17,10 +18,21 @@ MUTANTS = {
                                       "self.register_buffer(\"weight_4bit\", packed)\n"
                                       "        self.cached = bnbf.dequantize_4bit(packed, self.quant_state)",
                                       ["qlora_linear_storage"]),
-    "dequantizes once and keeps it": (LIN, "weight = bnbf.dequantize_4bit(self.weight_4bit, self.quant_state).to(x.dtype)",
+    "dequantizes once and keeps it": (LIN, APPLY,
                                       "if getattr(self, \"_dense\", None) is None:\n"
                                       "            self._dense = bnbf.dequantize_4bit(self.weight_4bit, self.quant_state)\n"
-                                      "        weight = self._dense.to(x.dtype)", ["qlora_linear_storage"]),
+                                      "        result = nn.functional.linear(x, self._dense.to(x.dtype), self.bias)",
+                                      ["qlora_linear_storage"]),
+    "a plain linear over the dequantized weight": (LIN, APPLY,
+                                                   "result = nn.functional.linear(x, bnbf.dequantize_4bit(self.weight_4bit, "
+                                                   "self.quant_state).to(x.dtype), self.bias)", ["qlora_linear_keeps_4bit"]),
+    "saves the dequantized weight for backward": (LIN, "ctx.save_for_backward(weight_4bit)",
+                                                  "ctx.save_for_backward(weight_4bit, weight)", ["qlora_linear_keeps_4bit"]),
+    "keeps the dequantized weight on ctx": (LIN, "ctx.quant_state = quant_state",
+                                            "ctx.quant_state = quant_state\n        ctx.weight = weight", ["qlora_linear_keeps_4bit"]),
+    "backward with the weight transposed": (LIN, "return grad_output @ weight, None, None, None",
+                                            "return grad_output @ weight.t(), None, None, None",
+                                            ["qlora_linear_gradients", "qlora_linear_keeps_4bit"]),
     "lora_A starts at zero": (LIN, "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))", "nn.init.zeros_(self.lora_A.weight)",
                               ["qlora_linear_storage", "qlora_linear_gradients"]),
     "lora_A with the deck's kaiming_normal_": (LIN, "nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))",
@@ -29,12 +41,12 @@ MUTANTS = {
     "random lora_B": (LIN, "nn.init.zeros_(self.lora_B.weight)", "nn.init.normal_(self.lora_B.weight)", ["qlora_linear_storage"]),
     "bias left trainable": (LIN, "nn.Parameter(bias.detach().clone(), requires_grad=False)", "nn.Parameter(bias.detach().clone())",
                             ["qlora_linear_storage", "qlora_linear_gradients"]),
-    "bias dropped": (LIN, "result = nn.functional.linear(x, weight, bias)", "result = nn.functional.linear(x, weight)",
-                     ["qlora_linear_output"]),
-    "dropout on the base path": (LIN, "result = nn.functional.linear(x, weight, bias)",
-                                 "result = nn.functional.linear(self.lora_dropout(x), weight, bias)", ["qlora_linear_output"]),
-    "gradient cut at the input": (LIN, "result = nn.functional.linear(x, weight, bias)",
-                                  "result = nn.functional.linear(x.detach(), weight, bias)", ["qlora_linear_gradients"]),
+    "bias dropped": (LIN, "return nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))",
+                     "return nn.functional.linear(x, weight)", ["qlora_linear_output"]),
+    "dropout on the base path": (LIN, APPLY, "result = LinearNF4.apply(self.lora_dropout(x), self.weight_4bit, self.quant_state, self.bias)",
+                                 ["qlora_linear_output"]),
+    "gradient cut at the input": (LIN, APPLY, "result = LinearNF4.apply(x.detach(), self.weight_4bit, self.quant_state, self.bias)",
+                                  ["qlora_linear_gradients", "qlora_linear_keeps_4bit"]),
     "weight memory without the block constants": (LIN, " + absmax.numel() * absmax.element_size()", "",
                                                   ["qlora_linear_storage"]),
     "memory forgets the second-level constants": (MEM, "bits = 4 + 8 / blocksize + 32 / (blocksize * 256)",

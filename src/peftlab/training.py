@@ -124,12 +124,14 @@ def train(model, tokenizer, examples: Sequence[Example], steps: int, lr: float =
 
 class saved_tensors:  # noqa: N801 - used as a context manager, like torch's own hooks
     """While active, add up the bytes of every tensor autograd keeps for the backward pass (each
-    storage once; ``model``'s own parameters left out): the activation memory of a forward pass,
+    storage once; ``model``'s own parameters and buffers left out, such as a 4-bit layer's packed
+    codes): the activation memory of a forward pass,
     measured with PyTorch's saved-tensor hooks. Under autocast it includes the 16-bit copies of the
     weights that autocast makes for the step. ``bytes`` holds the sum."""
 
     def __init__(self, model=None):
-        self._exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        own = [*model.parameters(), *model.buffers()] if model is not None else []
+        self._exclude = {t.untyped_storage().data_ptr() for t in own}
         self._kept: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
 
@@ -149,6 +151,66 @@ class saved_tensors:  # noqa: N801 - used as a context manager, like torch's own
 
     def __exit__(self, *exc):
         return self._hooks.__exit__(*exc)
+
+
+def heap_bytes() -> int | None:
+    """Bytes the C allocator has handed out and not taken back (glibc's ``mallinfo2``, over all its
+    arenas and the chunks it maps on its own), or None without glibc. PyTorch's CPU tensors come from
+    there, so the difference of two readings is what was allocated in between and is still alive,
+    whatever the allocator keeps of freed memory (which the process's resident size counts)."""
+    import ctypes
+
+    class _Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Info
+    info = mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def forward_backward_memory(module, x) -> dict[str, int]:
+    """Run ``module(x)``, then backward from the sum of its squares; the memory allocated above the
+    start: ``held`` after the forward pass (what the backward pass will need, with the output) and
+    ``peak`` over both passes. On a GPU PyTorch's allocator says; on a CPU the C heap
+    (`heap_bytes`), its peak sampled every millisecond."""
+    import gc
+    import threading
+
+    gc.collect()
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        read = torch.cuda.memory_allocated
+    elif heap_bytes() is not None:
+        read = heap_bytes
+    else:
+        raise RuntimeError("no way to read the allocated memory here (a CPU without glibc)")
+    start = read()
+    top, done = [start], threading.Event()
+
+    def sample():
+        while not done.wait(0.001):
+            top[0] = max(top[0], read())
+
+    sampler = None if x.is_cuda else threading.Thread(target=sample, daemon=True)
+    if sampler is not None:
+        sampler.start()
+    try:
+        out = module(x)
+        held = read() - start
+        out.float().pow(2).sum().backward()
+        del out
+    finally:
+        done.set()
+        if sampler is not None:
+            sampler.join()
+    peak = torch.cuda.max_memory_allocated() if x.is_cuda else max(top[0], read())
+    return {"held": held, "peak": max(peak - start, held)}
 
 
 def _state_bytes(params, optimizer) -> dict[str, int]:
