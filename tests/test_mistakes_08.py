@@ -4,7 +4,8 @@ from notebooks import SOLUTIONS, mutation_tests
 
 NB = SOLUTIONS / "08_choosing_peft" / "08_choosing_peft.ipynb"
 
-CMP, PLUS = "peft_comparison", "loraplus"
+CMP, PLUS, DORA = "peft_comparison", "loraplus", "dora_linear"
+SETUP, MATCH = "dora_linear_setup", "dora_linear_matches_peft"
 MUTANTS = {
     "efficiency as a fraction, not percent": (CMP, '"efficiency": 100 * trainable / total', '"efficiency": trainable / total',
                                               ["comparison_efficiency_matches_peft"]),
@@ -37,6 +38,20 @@ MUTANTS = {
                                          "slow.append(param)\n        if \"lora_B\" in name:\n            fast.append(param)",
                                          ["loraplus_matches_peft", "loraplus_trains"]),
     "LoRA+ leaves A out": (PLUS, "return [{\"params\": slow, \"lr\": lr}, ", "return [", ["loraplus_matches_peft", "loraplus_trains"]),
+    "DoRA's norm not detached": (DORA, "torch.linalg.norm(direction, dim=1).detach()", "torch.linalg.norm(direction, dim=1)", [MATCH]),
+    "DoRA's norm over the input axis": (DORA, "torch.linalg.norm(direction, dim=1).detach()",
+                                        "torch.linalg.norm(direction, dim=0).detach()[: direction.shape[0]]", [MATCH]),
+    "DoRA's norm of the base weight only": (DORA, "torch.linalg.norm(direction, dim=1).detach()",
+                                            "torch.linalg.norm(self.base_layer.weight, dim=1).detach()", [MATCH]),
+    "DoRA without LoRA's scaling": (DORA, "self.base_layer.weight + self.scaling * (", "self.base_layer.weight + (", [MATCH]),
+    "DoRA scales the bias too": (DORA, "out = nn.functional.linear(x, direction) * (self.magnitude / norm)\n        return out if self.base_layer.bias is None else out + self.base_layer.bias",
+                                 "return nn.functional.linear(x, direction, self.base_layer.bias) * (self.magnitude / norm)", [MATCH]),
+    "DoRA's magnitude starts at one": (DORA, "nn.Parameter(torch.linalg.norm(base_layer.weight.detach(), dim=1))",
+                                       "nn.Parameter(torch.ones(base_layer.out_features))", [SETUP]),
+    "DoRA's base left trainable": (DORA, "        for p in base_layer.parameters():\n            p.requires_grad_(False)\n", "", [SETUP]),
+    "DoRA's magnitude is not trained": (DORA, "nn.Parameter(torch.linalg.norm(base_layer.weight.detach(), dim=1))",
+                                        "nn.Parameter(torch.linalg.norm(base_layer.weight.detach(), dim=1), requires_grad=False)",
+                                        [SETUP, MATCH]),
 }
 
 test_solution_passes_the_graded_path, test_tests_reject_mistake, _ = mutation_tests(NB, MUTANTS)

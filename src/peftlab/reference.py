@@ -80,6 +80,24 @@ def peft_lora_layer(base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropo
     return layer
 
 
+def peft_dora_layer(base_layer: nn.Linear, r: int, lora_alpha: float, seed: int = 0, random_b: bool = True):
+    """peft's DoRA layer (``LoraConfig(use_dora=True)``) around a copy of ``base_layer``. With
+    ``random_b`` its lora_B and its magnitude are moved off their start with seeded random values (at
+    the start DoRA computes the base layer exactly, which would make every comparison trivial)."""
+    from peft import LoraConfig, get_peft_model
+
+    holder = _Holder(copy.deepcopy(base_layer))
+    wrapped = get_peft_model(holder, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=["layer"], use_dora=True))
+    layer = wrapped.base_model.model.layer
+    if random_b:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+            magnitude = layer.lora_magnitude_vector["default"].weight
+            magnitude.mul_(1 + 0.1 * torch.randn_like(magnitude))
+    return layer
+
+
 def peft_lora_model(model, target_modules, r: int, lora_alpha: float, seed: int = 0, random_b: bool = True):
     """``peft.get_peft_model`` on a deep copy of ``model``, lora_B randomised as in `peft_lora_layer`."""
     from peft import LoraConfig, get_peft_model
