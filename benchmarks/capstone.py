@@ -104,12 +104,17 @@ def machine() -> dict:
             "peft": peft.__version__}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 methods, 2 rates (a smoke test; writes nothing)")
-    parser.add_argument("--output", type=Path, default=OUT)
-    args = parser.parse_args(argv)
+def arguments(argv, doc: str, quick: str, output: Path):
+    """The experiments' command line (--quick, --output), with the course's package on the path."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"{quick} (a smoke test; writes nothing)")
+    parser.add_argument("--output", type=Path, default=output)
     sys.path.insert(0, str(ROOT / "src"))
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = arguments(argv, __doc__, "1 seed, 2 methods, 2 rates", OUT)
     import torch
 
     from peftlab.models import load_smollm2_tokenizer

@@ -17,7 +17,6 @@ Writes ``src/peftlab/data/forgetting.json`` (notebook 08 reads it, in Colab too)
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "src" / "peftlab" / "data" / "forgetting.json"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from capstone import ALL_LINEAR, machine  # noqa: E402 (one description of the machine and the targets)
+from capstone import ALL_LINEAR, arguments, machine  # noqa: E402 (one command line, machine and target list)
 
 RANKS = [2, 16, 64]
 RATES = {"lora": [1e-3, 3e-3], "full": [1e-5, 3e-5]}
@@ -56,11 +55,7 @@ def run_once(factory, tokenizer, rank, lr, seed, train_set, scored):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, LoRA r=2 and full fine-tuning, 1 rate (writes nothing)")
-    parser.add_argument("--output", type=Path, default=OUT)
-    args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "src"))
+    args = arguments(argv, __doc__, "1 seed, LoRA r=2 and full fine-tuning, 1 rate", OUT)
     from peftlab.models import load_smollm2_tokenizer
     from peftlab.quant import lm_loss, smollm2_factory
     from peftlab.task import make_splits
