@@ -53,14 +53,16 @@ def digest(salt: str, canon: str) -> str:
     return hashlib.sha256(f"{salt}|{canon}".encode()).hexdigest()
 
 
+def _xor(data: bytes, salt: str, canon: str) -> bytes:
+    return bytes(a ^ b for a, b in zip(data, _stream(_seal_key(salt, canon), len(data))))
+
+
 def seal(text: str, salt: str, canon: str) -> str:
-    data = text.encode()
-    return bytes(a ^ b for a, b in zip(data, _stream(_seal_key(salt, canon), len(data)))).hex()
+    return _xor(text.encode(), salt, canon).hex()
 
 
 def unseal(sealed: str, salt: str, canon: str) -> str:
-    data = bytes.fromhex(sealed)
-    return bytes(a ^ b for a, b in zip(data, _stream(_seal_key(salt, canon), len(data)))).decode()
+    return _xor(bytes.fromhex(sealed), salt, canon).decode()
 
 
 def entry(notebook: str, question: int, kind: str, answer, hint: str, explanation: str) -> dict:

@@ -8,6 +8,7 @@ answer tokens only (prompt positions get the label -100), as in instruction tuni
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -153,22 +154,30 @@ class saved_tensors:  # noqa: N801 - used as a context manager, like torch's own
         return self._hooks.__exit__(*exc)
 
 
+@functools.cache
+def _mallinfo2():
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = Info
+    return function
+
+
 def heap_bytes() -> int | None:
     """Bytes the C allocator has handed out and not taken back (glibc's ``mallinfo2``, over all its
     arenas and the chunks it maps on its own), or None without glibc. PyTorch's CPU tensors come from
     there, so the difference of two readings is what was allocated in between and is still alive,
     whatever the allocator keeps of freed memory (which the process's resident size counts)."""
-    import ctypes
-
-    class _Info(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                         "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    try:
-        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
         return None
-    mallinfo2.restype = _Info
     info = mallinfo2()
     return info.uordblks + info.hblkhd
 
