@@ -35,8 +35,9 @@ SEEDS = [0, 1]
 STEPS, BATCH, N_TRAIN, N_VALIDATION, N_TEST = 16, 8, 256, 64, 128
 
 
-def run_once(factory, tokenizer, rank, lr, seed, train_set, scored):
-    """Train LoRA at ``rank`` (None: full fine-tuning); its accuracy on ``scored`` and held-out loss."""
+def run_once(factory, tokenizer, rank, lr, seed, train_set, scored, targets=ALL_LINEAR):
+    """Train LoRA at ``rank`` on ``targets`` (None: full fine-tuning); its accuracy on ``scored`` and
+    held-out loss."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -47,7 +48,7 @@ def run_once(factory, tokenizer, rank, lr, seed, train_set, scored):
     torch.manual_seed(seed)
     model = factory()
     if rank is not None:
-        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR))
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=targets))
     result = train(model, tokenizer, train_set, steps=STEPS, lr=lr, batch_size=BATCH, seed=seed, progress=False)
     accuracy = evaluate(model, tokenizer, scored, generate_fn=greedy_generate_fn(model))
     return {"accuracy": accuracy, "held_out_loss": lm_loss(model, tokenizer), "trainable": result.trainable_params,

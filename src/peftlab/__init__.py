@@ -23,6 +23,9 @@ if "ipykernel" in sys.modules:
 # it. Nothing a learner can act on, and nbgrader gives zero points to a test cell that writes to
 # stderr, so this one message is silenced for everyone who imports the course's helpers.
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+# peft 0.21's prepare_model_for_kbit_training (notebooks 06 to 08) still calls the model's
+# `gradient_checkpointing_enable`, which transformers 5.24 renamed `activation_checkpointing_enable`.
+warnings.filterwarnings("ignore", message=r".*`gradient_checkpointing_enable` is deprecated.*", category=FutureWarning)
 # peft 0.21 still passes `past_key_values`, which transformers 5.24 renamed `cache`.
 warnings.filterwarnings("ignore", message=r".*`past_key_values`.*deprecated.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*Both `past_key_values` and `cache` are set.*", category=FutureWarning)

@@ -79,4 +79,60 @@ def _watch() -> None:
 
 _watch()
 
-__all__ = ["Unreadable", "assert_close", "expect_error", "float_tensors", "forget_reference", "observe", "raised"]
+# What 07's recipe tests compare, as plain data: the same description of the learner's object (in the
+# notebook's kernel) and of the lab's own (in the grader).
+
+ARGUMENT_FIELDS = ("output_dir", "max_steps", "seed", "per_device_train_batch_size", "learning_rate", "lr_scheduler_type",
+                   "warmup_steps", "max_grad_norm", "optim", "bf16", "fp16", "use_cpu", "activation_checkpointing",
+                   "activation_checkpointing_kwargs", "logging_steps", "save_strategy", "remove_unused_columns",
+                   "dataloader_num_workers")
+
+
+def describe_4bit(model) -> dict:
+    """Each linear layer of ``model``: 4-bit (its format and compute dtype) or plain (its dtype)."""
+    import bitsandbytes as bnb
+    import torch
+
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            layers[name] = {"kind": "4-bit", "quant_type": state.quant_type, "double_quant": bool(state.nested),
+                            "blocksize": int(state.blocksize), "compute_dtype": module.compute_dtype}
+        elif isinstance(module, torch.nn.Linear):
+            layers[name] = {"kind": "plain", "dtype": module.weight.dtype}
+    return {"class": type(model).__name__, "layers": layers,
+            "devices": sorted({str(p.device) for p in model.parameters()})}
+
+
+def describe_adapter(model) -> dict:
+    """A peft model's LoRA configuration, what trains (name, shape, dtype), the dtypes of the frozen
+    parameters that are not 4-bit, and its gradient checkpointing (on, and the ``use_reentrant`` it
+    passes; "unset" when it passes none)."""
+    config = getattr(model, "peft_config", {}).get("default") if isinstance(getattr(model, "peft_config", None), dict) else None
+    fields = ("r", "lora_alpha", "lora_dropout", "target_modules", "task_type", "bias", "modules_to_save", "use_dora",
+              "use_rslora")
+    described = None
+    if config is not None:
+        described = {}
+        for name in fields:
+            value = getattr(config, name, None)
+            value = sorted(value) if isinstance(value, (set, frozenset)) else value
+            described[name] = str(value) if name == "task_type" and value is not None else value
+    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    func = getattr(checkpointed[0], "_gradient_checkpointing_func", None) if checkpointed else None
+    return {"class": type(model).__name__, "config": described,
+            "trainable": {n: [list(p.shape), p.dtype] for n, p in model.named_parameters() if p.requires_grad},
+            "frozen_dtypes": sorted({str(p.dtype) for p in model.parameters()
+                                     if not p.requires_grad and type(p).__name__ != "Params4bit"}),
+            "checkpointing": bool(checkpointed),
+            "use_reentrant": getattr(func, "keywords", {}).get("use_reentrant", "unset") if func else None}
+
+
+def describe_arguments(args) -> dict:
+    """The `TrainingArguments` fields the lab's run depends on (`ARGUMENT_FIELDS`), as `to_dict` gives them."""
+    values = args.to_dict() if hasattr(args, "to_dict") else {}
+    return {"class": type(args).__name__, **{name: values.get(name) for name in ARGUMENT_FIELDS}}
+
+
+__all__ = ["ARGUMENT_FIELDS", "Unreadable", "assert_close", "describe_4bit", "describe_adapter", "describe_arguments", "expect_error", "float_tensors", "forget_reference", "observe", "raised"]

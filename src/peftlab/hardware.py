@@ -10,6 +10,7 @@ CPU. GPU memory is sold in binary units: an "80 GB" A100 has 80 GiB = 85.9e9 byt
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,55 @@ def cpu_device() -> Device:
     except (ValueError, OSError, AttributeError):
         memory = 0
     return Device("CPU", None, memory)
+
+
+@contextlib.contextmanager
+def simulated_gpu(device: Device):
+    """While inside, `torch.cuda` describes ``device`` (available, its name, capability and memory;
+    bf16 "supported" on every GPU, as torch says even of a T4 that only emulates it), and so do
+    transformers' cached checks of it, and accelerate's process state is put back afterwards: enough to build the objects a GPU run is configured with
+    (`TrainingArguments(bf16=True)`) on a machine without one. Nothing can run on the simulated GPU.
+    ``device`` a CPU changes nothing."""
+    import types
+
+    import torch
+
+    if not device.is_gpu:
+        yield device
+        return
+    props = types.SimpleNamespace(name=device.name, major=device.capability[0], minor=device.capability[1],
+                                  total_memory=device.total_memory, multi_processor_count=1)
+    fakes = {"is_available": lambda: True, "device_count": lambda: device.count, "current_device": lambda: 0,
+             "get_device_properties": lambda index=0: props, "get_device_capability": lambda index=0: device.capability,
+             "get_device_name": lambda index=0: device.name, "is_bf16_supported": lambda including_emulation=True: True, "set_device": lambda index: None}
+    import transformers.training_args  # noqa: F401 - imported first: bitsandbytes, which it imports, sets up CUDA
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = {name: getattr(torch.cuda, name) for name in fakes}
+    shared = {state: dict(state._shared_state) for state in (PartialState, AcceleratorState)}
+    _clear_transformers_checks()
+    try:
+        for name, fake in fakes.items():
+            setattr(torch.cuda, name, fake)
+        yield device
+    finally:
+        for name, real in saved.items():
+            setattr(torch.cuda, name, real)
+        for state, before in shared.items():  # accelerate's process-wide state must not keep the GPU
+            state._shared_state.clear()
+            state._shared_state.update(before)
+        _clear_transformers_checks()
+
+
+def _clear_transformers_checks() -> None:
+    """Forget transformers' remembered answers about the machine (`is_torch_bf16_gpu_available` and
+    the like are cached)."""
+    import sys
+
+    module = sys.modules.get("transformers.utils.import_utils")
+    for value in vars(module).values() if module else ():
+        if callable(getattr(value, "cache_clear", None)) and getattr(value, "__module__", "") == module.__name__:
+            value.cache_clear()
 
 
 def current_device(index: int | None = None) -> Device:
@@ -157,4 +207,4 @@ def default_hyperparameters(n_params: int, gpu: bool) -> dict:
 
 
 __all__ = ["Device", "GiB", "KNOWN_GPUS", "OPTIMIZER_STATE_BYTES", "compute_dtype", "cpu_device", "current_device",
-           "default_hyperparameters", "meta_inventory", "optimizer_for", "precision", "shapes"]
+           "default_hyperparameters", "meta_inventory", "optimizer_for", "precision", "shapes", "simulated_gpu"]

@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -265,22 +266,75 @@ def _select_device() -> None:
         torch.cuda.set_device(_local_rank())
 
 
-def load(config: LabConfig, device: str | None = None, full_precision: bool = False):
+def run_settings(config: LabConfig, env: dict) -> dict:
+    """How this run computes, as `training_settings` says it (the recipe's pieces read it): the
+    device's precision and optimizer, the settled checkpointing and batch size."""
+    from peftlab import hardware
+
+    return {"precision": env["precision"], "optimizer": hardware.optimizer_for(device_of(env), config.load_in_4bit),
+            "gradient_checkpointing": bool(config.gradient_checkpointing), "batch_size": config.batch_size}
+
+
+@dataclass
+class Recipe:
+    """The pieces of a QLoRA run that a practitioner writes (notebook 07 asks the learner for each):
+
+    - ``load_in_4bit(path, settings, device_map)``: the model, its linear layers in NF4;
+    - ``add_lora(model, config, settings)``: prepared for k-bit training, LoRA added (a peft model);
+    - ``collate(examples, tokenizer, max_seq_len)``: a batch of course-task examples;
+    - ``training_arguments(config, settings)``: the Trainer's `TrainingArguments`.
+
+    A piece left None is the lab's own (`peftlab.reference`); so is one that raises
+    NotImplementedError (a notebook's unwritten exercise), and `origins` says which ran."""
+
+    load_in_4bit: Callable | None = None
+    add_lora: Callable | None = None
+    collate: Callable | None = None
+    training_arguments: Callable | None = None
+    used: dict = field(default_factory=dict)
+
+    def call(self, piece: str, *args):
+        from peftlab import reference
+
+        mine = getattr(self, piece)
+        if mine is not None and self.used.get(piece) != "the lab's (yours is not written yet)":
+            try:
+                result = mine(*args)
+                self.used[piece] = "yours"
+                return result
+            except NotImplementedError:
+                print(f"{piece}: not written yet, so the lab uses its own")
+                self.used[piece] = "the lab's (yours is not written yet)"
+        self.used.setdefault(piece, "the lab's")
+        return getattr(reference, REFERENCE_PIECES[piece])(*args)
+
+    def origins(self) -> dict:
+        return {piece: self.used.get(piece, "not used") for piece in REFERENCE_PIECES}
+
+
+REFERENCE_PIECES = {"load_in_4bit": "load_in_4bit", "add_lora": "add_lora", "collate": "collate_examples",
+                    "training_arguments": "training_arguments"}
+
+
+def load(config: LabConfig, device: str | None = None, full_precision: bool = False,
+         recipe: Recipe | None = None, settings: dict | None = None):
     """(model, tokenizer) for the config: the offline SmolLM2 by default, a local folder, else a hub
-    model; in 4 bits through bitsandbytes when ``load_in_4bit``. ``device="cpu"`` loads onto the CPU
-    (in fp32); ``full_precision`` loads without 4-bit weights (for merging an adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    model; in 4 bits through the recipe's ``load_in_4bit`` when ``load_in_4bit``. ``device="cpu"``
+    loads onto the CPU (in fp32); ``full_precision`` loads without 4-bit weights (for merging an adapter)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftlab import hardware
-    from peftlab.quant import load_4bit
+    from peftlab.models import _quiet_progress
+    from peftlab.quant import disable_cpu_weight_repacking
 
     path = model_path(config)
     gpu = torch.cuda.is_available() and device != "cpu"
     compute = hardware.compute_dtype(hardware.current_device(_local_rank())) if gpu else torch.float32
     if config.load_in_4bit and not full_precision:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=compute)
-        model = load_4bit(path, quant, **({"device_map": {"": _local_rank()}} if gpu else {}))
+        settings = settings or run_settings(config, environment())
+        with _quiet_progress(True):
+            model = (recipe or Recipe()).call("load_in_4bit", path, settings, {"": _local_rank()} if gpu else "cpu")
+        disable_cpu_weight_repacking(model)  # a CPU's repacked inference weights lose gradients (peftlab.quant)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute)
         if gpu:
@@ -295,38 +349,21 @@ def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
-def add_adapter(model, config: LabConfig):
-    """LoRA on ``config.target_modules`` ("all-linear" by default: any architecture). Gradient
-    checkpointing, when on, is the non-reentrant kind (what DDP and frozen bases need)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def add_adapter(model, config: LabConfig, settings: dict | None = None, recipe: Recipe | None = None):
+    """LoRA on ``config.target_modules`` ("all-linear" by default: any architecture): over a 4-bit
+    base through the recipe's ``add_lora``; over a 16-bit one the same way without the k-bit
+    preparation. Gradient checkpointing, when on, is the non-reentrant kind (what DDP and frozen bases need)."""
+    from peft import LoraConfig, get_peft_model
 
-    checkpointing = bool(config.gradient_checkpointing)
-    kwargs = {"use_reentrant": False}
+    settings = settings or {"gradient_checkpointing": bool(config.gradient_checkpointing)}
     if config.load_in_4bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                gradient_checkpointing_kwargs=kwargs)
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return (recipe or Recipe()).call("add_lora", model, config, settings)
+    if settings["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     lora = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
                       lora_dropout=config.lora_dropout, target_modules=config.target_modules)
     return get_peft_model(model, lora)
-
-
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, examples, max_seq_len):
-        from peftlab.training import encode
-
-        self.items = []
-        for example in examples:
-            ids, labels = encode(tokenizer, example)
-            self.items.append((ids[:max_seq_len], labels[:max_seq_len]))
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
 
 
 def precision_flags(env: dict) -> dict:
@@ -339,18 +376,16 @@ def precision_flags(env: dict) -> dict:
             "optim": hardware.optimizer_for(device, True)}
 
 
-def training_arguments(config: LabConfig, env: dict):
-    """`transformers.TrainingArguments` for the lab: precision from the device's compute capability
-    (bf16 from 8.0, fp16 with loss scaling below, fp32 on a CPU), the optimizer for the device."""
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(Path(config.output_dir) / "trainer"), max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size, learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type, warmup_steps=float(config.warmup_ratio),  # a float: a ratio
-        max_grad_norm=config.max_grad_norm, logging_steps=1, save_strategy="no", report_to="none",
-        seed=config.seed, **precision_flags(env), remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False,
-        ddp_find_unused_parameters=False if int(os.environ.get("WORLD_SIZE", 1)) > 1 else None)
+def training_arguments(config: LabConfig, env: dict, recipe: Recipe | None = None):
+    """`transformers.TrainingArguments` for the lab from the recipe's ``training_arguments`` (precision
+    from the device's compute capability: bf16 from 8.0, fp16 with loss scaling below, fp32 on a CPU;
+    the optimizer for the device), with what only the lab decides: the progress bar, and DDP's
+    search for unused parameters off under several processes (LoRA uses every one)."""
+    args = (recipe or Recipe()).call("training_arguments", config, run_settings(config, env))
+    args.disable_tqdm = False
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        args.ddp_find_unused_parameters = False
+    return args
 
 
 def _write(results: dict, out: Path) -> None:
@@ -381,9 +416,9 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def run(config: LabConfig, progress: bool = True, make_training_arguments=None, quiet: bool = False) -> dict:
-    """Train, measure and save; return (and write to ``results.json``) every figure.
-    ``make_training_arguments(config, env)`` replaces `training_arguments`. ``results.json`` is written
+def run(config: LabConfig, progress: bool = True, recipe: Recipe | None = None, quiet: bool = False) -> dict:
+    """Train, measure and save; return (and write to ``results.json``) every figure. ``recipe``
+    supplies the pieces of a QLoRA run (`Recipe`; default: the lab's own). ``results.json`` is written
     as soon as training ends, again after the evaluation, and after the adapter's reload and merge,
     which can fail without costing the run's figures."""
     import peft  # noqa: F401 - every library is imported before the memory baseline is taken
@@ -403,21 +438,23 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
     main_process = int(os.environ.get("RANK", 0)) == 0
     torch.manual_seed(config.seed)
     predicted = predict_for(config, env)
+    recipe = recipe or Recipe()
+    settings = run_settings(config, env)
     meter = MemoryMeter()
 
     start = time.perf_counter()
-    model, tokenizer = load(config)
+    model, tokenizer = load(config, recipe=recipe, settings=settings)
     load_seconds = time.perf_counter() - start
     meter.mark("loaded")
     n_base = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     train_set, test_set = make_splits(n_train=config.n_train, n_test=config.n_test, seed=config.seed)
     accuracy_before = evaluate(model, tokenizer, test_set) if main_process else None
 
-    model = add_adapter(model, config)
+    model = add_adapter(model, config, settings, recipe)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter.mark("ready to train")
-    args = (make_training_arguments or training_arguments)(config, env)
-    trainer, log = _train(model, tokenizer, train_set, config, args, quiet=quiet or not progress)
+    args = training_arguments(config, env, recipe)
+    trainer, log = _train(model, tokenizer, train_set, config, args, recipe, quiet=quiet or not progress)
     log["load_seconds"] = load_seconds
     meter.mark("trained")
     peak, peak_source = meter.stop()
@@ -428,7 +465,7 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
                           "measured_peak_bytes": peak, "measured_with": peak_source,
                           "per_rank_peak_bytes": _gather(peak), "phases": meter.marks,
                           "comparison": memory_comparison(predicted, meter.marks, peak, env_out["cuda"])},
-               "timing": _timing(log, config), "loss": log["losses"]}
+               "timing": _timing(log, config), "loss": log["losses"], "recipe": recipe.origins()}
     if not main_process:
         return results
     _write(results, out)  # the figures are safe before anything else can fail
@@ -446,11 +483,11 @@ def run(config: LabConfig, progress: bool = True, make_training_arguments=None, 
     return results
 
 
-def _train(model, tokenizer, train_set, config: LabConfig, args, quiet: bool):
+def _train(model, tokenizer, train_set, config: LabConfig, args, recipe: Recipe, quiet: bool):
     """Train with the Trainer; (the trainer, its log: losses, step times, seconds, tokens, world size)."""
     from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
-    from peftlab.training import collate
+    from peftlab.training import encode
 
     log = {"losses": [], "step_times": []}
 
@@ -465,9 +502,8 @@ def _train(model, tokenizer, train_set, config: LabConfig, args, quiet: bool):
             if logs and "loss" in logs:
                 log["losses"].append(float(logs["loss"]))
 
-    dataset = _Examples(tokenizer, train_set, config.max_seq_len)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=lambda items: collate(items, tokenizer.pad_token_id), callbacks=[Record()])
+    trainer = Trainer(model=model, args=args, train_dataset=list(train_set), callbacks=[Record()],
+                      data_collator=lambda examples: recipe.call("collate", examples, tokenizer, config.max_seq_len))
     if quiet:
         trainer.args.disable_tqdm = True
         for callback in (ProgressCallback, PrinterCallback):  # the Trainer's bar, and the dict it prints
@@ -477,8 +513,8 @@ def _train(model, tokenizer, train_set, config: LabConfig, args, quiet: bool):
     trainer.train()
     log["train_seconds"] = time.perf_counter() - start
     log["world"] = int(os.environ.get("WORLD_SIZE", 1))
-    log["tokens"] = (sum(len(ids) for ids, _ in dataset.items) / len(dataset) * config.batch_size * config.max_steps
-                     * log["world"])
+    lengths = [min(len(encode(tokenizer, example)[0]), config.max_seq_len) for example in train_set]
+    log["tokens"] = sum(lengths) / len(lengths) * config.batch_size * config.max_steps * log["world"]
     return trainer, log
 
 
@@ -603,6 +639,46 @@ def summary(results: dict) -> str:
         lines.append(f"adapter: {adapter['bytes'] / 1e6:.1f} MB; reloaded and merged on the {adapter['merged_on']}: logits "
                      f"change by {adapter['merged_max_logit_difference']:.1e}; on the full-precision base instead of "
                      f"the 4-bit one by up to {adapter['base_precision_max_logit_difference']:.2f}")
+    return "\n".join(lines)
+
+
+STORED_REFERENCE = Path(__file__).parent / "data" / "lab_reference.json"  # benchmarks/lab_reference.py writes it
+_SAME_RUN = ("model", "max_steps", "max_seq_len", "batch_size", "learning_rate", "warmup_ratio", "lr_scheduler_type",
+             "max_grad_norm", "load_in_4bit", "r", "lora_alpha", "lora_dropout", "target_modules", "n_train", "n_test",
+             "seed", "gradient_checkpointing")
+
+
+def reference_run(results: dict, quiet: bool = True) -> dict:
+    """The lab's own recipe on the run that made ``results`` (same settings, same seed). On a CPU with
+    the notebook's default settings it is the stored run (``STORED_REFERENCE``: a CPU run takes
+    minutes; ``benchmarks/lab_reference.py`` made it); otherwise it runs now, into
+    ``<output_dir>/reference``."""
+    mine = results["config"]
+    if STORED_REFERENCE.exists() and not results["environment"]["cuda"]:
+        stored = json.loads(STORED_REFERENCE.read_text())
+        if all(stored["config"].get(key) == mine.get(key) for key in _SAME_RUN):
+            stored["stored"] = True
+            return stored
+    values = {key: mine[key] for key in _SAME_RUN}
+    config = LabConfig(**values, output_dir=str(Path(mine["output_dir"]) / "reference"), merge_on=mine["merge_on"])
+    return run(config, progress=not quiet, quiet=quiet)
+
+
+def side_by_side(mine: dict, reference: dict) -> str:
+    """Your recipe's run next to the lab's: losses, accuracy, memory, speed."""
+    rows = [("pieces", ", ".join(f"{k}: {v}" for k, v in mine.get("recipe", {}).items()), "the lab's"),
+            ("first / last loss", f"{mine['loss'][0]:.3f} / {mine['loss'][-1]:.3f}",
+             f"{reference['loss'][0]:.3f} / {reference['loss'][-1]:.3f}"),
+            ("accuracy after", f"{mine.get('accuracy', {}).get('after', float('nan')):.0%}",
+             f"{reference.get('accuracy', {}).get('after', float('nan')):.0%}"),
+            ("peak memory", f"{mine['memory']['measured_peak_bytes'] / 1e9:.2f} GB",
+             f"{reference['memory']['measured_peak_bytes'] / 1e9:.2f} GB"),
+            ("steps per second", f"{mine['timing']['steps_per_second']:.2f}", f"{reference['timing']['steps_per_second']:.2f}")]
+    steps = min(len(mine["loss"]), len(reference["loss"]))
+    gap = max((abs(a - b) for a, b in zip(mine["loss"][:steps], reference["loss"][:steps])), default=float("nan"))
+    where = "stored run of this machine's kind" if reference.get("stored") else "run just now"
+    lines = [f"{'':<20}{'your recipe':<34}the lab's recipe ({where})"] + [f"{a:<20}{b:<34}{c}" for a, b, c in rows[1:]]
+    lines.append(f"largest loss difference over {steps} steps: {gap:.2e}")
     return "\n".join(lines)
 
 

@@ -110,6 +110,22 @@ def load_smollm2_4bit(quantization_config):
     return load_4bit(smollm2_path(), quantization_config)
 
 
+def tiny_llama_4bit(dtype=torch.bfloat16, seed: int = 0):
+    """`peftlab.models.tiny_llama` loaded in 4 bits (NF4) by transformers, its other weights in
+    ``dtype`` (bf16: as a GPU load gives them), safe to train (`load_4bit`): a real 4-bit model in a
+    second, for tests."""
+    import tempfile
+
+    from transformers import BitsAndBytesConfig
+
+    from peftlab.models import tiny_llama
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_llama(seed=seed).save_pretrained(folder)
+        return load_4bit(folder, quantization, dtype=dtype)
+
+
 def model_factory(path: str):
     """A function that loads a fresh copy of the model at ``path`` on every call:
     ``factory()`` in fp32, ``factory(quantization_config=...)`` in 4 bits through `load_4bit`."""

@@ -356,4 +356,107 @@ def training_settings(device: hardware.Device, predicted_bytes, *, batch_sizes=(
     return settings
 
 
-__all__ = ["bnb_nf4", "bnb_storage_bits", "lora_weights", "nf4_table", "peft_lora_count", "peft_lora_layer", "peft_lora_model", "peft_prefix_count", "peft_prefix_tuning", "peft_prefixes", "peft_prompt_count", "peft_prompt_tuning", "peft_prompt_vectors", "predict_peak_bytes", "real_param_count", "training_settings"]
+# --- notebook 07: the QLoRA training recipe, piece by piece (what `peftlab.lab` runs) -------------------
+# ``settings`` is what `training_settings` returns (precision, optimizer, gradient_checkpointing,
+# batch_size: how the run computes); ``config`` a `peftlab.lab.LabConfig` (what it trains, for how long).
+
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+LAB_BOOKKEEPING = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "remove_unused_columns": False,
+                   "dataloader_num_workers": 0}
+
+
+def qlora_quantization_config(settings: dict):
+    """QLoRA's storage (NF4, double quantization) computing in the settings' precision."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=COMPUTE_DTYPES[settings["precision"]])
+
+
+def load_in_4bit(path: str, settings: dict, device_map="cpu"):
+    """The causal LM at ``path`` with every linear layer but the output layer in 4 bits."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=qlora_quantization_config(settings),
+                                                device_map=device_map)
+
+
+def add_lora(model, config, settings: dict):
+    """`prepare_model_for_kbit_training` (fp32 for what is not 4-bit, the base frozen, non-reentrant
+    checkpointing when the settings ask for it), then LoRA on ``config.target_modules``."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(settings["gradient_checkpointing"]),
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(task_type="CAUSAL_LM", r=config.r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=config.target_modules)
+    return get_peft_model(model, lora)
+
+
+@functools.lru_cache(maxsize=16)
+def loaded_4bit_layout(path: str | None, precision: str) -> dict:
+    """`peftlab.checks.describe_4bit` of `load_in_4bit` on ``path`` (None: `peftlab.models.tiny_llama`
+    with seed 0), remembered: a grader compares every submission with the same load (SmolLM2's takes
+    about 4 s)."""
+    import tempfile
+
+    from peftlab.checks import describe_4bit
+    from peftlab.models import tiny_llama
+
+    if path is not None:
+        return describe_4bit(load_in_4bit(path, {"precision": precision}))
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_llama(seed=0).save_pretrained(folder)
+        return describe_4bit(load_in_4bit(folder, {"precision": precision}))
+
+
+def adapter_layout(config: dict, settings: dict) -> dict:
+    """`peftlab.checks.describe_adapter` of `add_lora` on `peftlab.quant.tiny_llama_4bit`, for a
+    `peftlab.lab.LabConfig` given as a dict (remembered by its values)."""
+    key = (tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in config.items())),
+           tuple(sorted(settings.items())))
+    return _adapter_layout(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _adapter_layout(key) -> dict:
+    from peftlab.checks import describe_adapter
+    from peftlab.lab import LabConfig
+    from peftlab.quant import tiny_llama_4bit
+
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in key[0]}
+    return describe_adapter(add_lora(tiny_llama_4bit(), LabConfig(**config), dict(key[1])))
+
+
+def collate_examples(examples, tokenizer, max_seq_len: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 over the prompt and the
+    padding) for course-task examples, each cut to its first ``max_seq_len`` tokens."""
+    from peftlab.training import collate, encode
+
+    encoded = [tuple(part[:max_seq_len] for part in encode(tokenizer, example)) for example in examples]
+    return collate(encoded, tokenizer.pad_token_id)
+
+
+def training_argument_values(config, settings: dict) -> dict:
+    """What `training_arguments` passes to `transformers.TrainingArguments`: precision and optimizer
+    from the settings (``use_cpu`` when they compute in fp32), the batch and checkpointing from the
+    settings, the schedule from the config (its warmup ratio as a float ``warmup_steps``), and the
+    lab's bookkeeping."""
+    precision = settings["precision"]
+    return dict(
+        output_dir=f"{config.output_dir}/trainer", max_steps=config.max_steps, seed=config.seed,
+        per_device_train_batch_size=settings["batch_size"], learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler_type, warmup_steps=float(config.warmup_ratio),
+        max_grad_norm=config.max_grad_norm, optim=settings["optimizer"],
+        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=precision == "fp32",
+        activation_checkpointing=bool(settings["gradient_checkpointing"]),
+        activation_checkpointing_kwargs={"use_reentrant": False}, **LAB_BOOKKEEPING)
+
+
+def training_arguments(config, settings: dict):
+    """`transformers.TrainingArguments` for the lab's run (`training_argument_values`)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(**training_argument_values(config, settings))
+
+__all__ = ["adapter_layout", "add_lora", "bnb_nf4", "collate_examples", "load_in_4bit", "loaded_4bit_layout", "bnb_storage_bits", "lora_weights", "nf4_table", "peft_lora_count", "peft_lora_layer", "peft_lora_model", "peft_prefix_count", "peft_prefix_tuning", "peft_prefixes", "peft_prompt_count", "peft_prompt_tuning", "peft_prompt_vectors", "predict_peak_bytes", "qlora_quantization_config", "real_param_count", "training_argument_values", "training_arguments", "training_settings"]

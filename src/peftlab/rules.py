@@ -147,6 +147,7 @@ def direct_use(source: str, origins: dict[str, str], entries: list[str], own: se
                     return f"imports {alias.name} from {node.module}"
     strings = _docstrings(tree)
     patched = _patched(tree)
+    free = _free(tree)  # a name the cell binds itself (an argument, a local) is not the reference's
     for node in ast.walk(tree):
         if id(node) in patched:
             continue
@@ -159,7 +160,7 @@ def direct_use(source: str, origins: dict[str, str], entries: list[str], own: se
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
             if node.id in local and _matches(local[node.id], entries):
                 return f"uses {node.id} ({local[node.id]})"
-            if node.id in reference_names and node.id not in own and node.id not in local:
+            if node.id in reference_names and node.id in free and node.id not in own and node.id not in local:
                 return f"calls {node.id} of {REFERENCE}"
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in strings:
             text = node.value.strip()
