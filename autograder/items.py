@@ -32,7 +32,8 @@ from pathlib import Path
 
 MIN_CLASS = 5          # fewer graded students than this: shares are shown, no test is flagged
 LOW, HIGH = 0.10, 0.95  # pass shares at or beyond which a test is flagged
-_NUMBER = re.compile(r"[-+]?\d[\d,_.]*(e[-+]?\d+)?", re.IGNORECASE)
+# A number, not digits inside a name: "q1_answer", "float32" and "lora_B2" stay as they are.
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d(?:[\d,_.]*\d)?(e[-+]?\d+)?(?![A-Za-z_])", re.IGNORECASE)
 
 
 def _grade_id(cell) -> str | None:

@@ -79,3 +79,12 @@ def test_a_small_class_is_not_flagged():
     rows, points = a_class()
     report = items.analyse(rows[:4], {"01_memory_math": points})["01_memory_math"]
     assert all(item["flag"] == "" for item in report["items"])
+
+
+def test_messages_group_by_numbers_not_by_digits_inside_names():
+    """``q1_answer`` is a name and stays one; the numbers around it become ``#``."""
+    assert items._pattern("AssertionError: q1_answer should be 1,234, got 12.5e-3") == \
+        "AssertionError: q1_answer should be #, got #"
+    assert items._pattern("dtype float32, not bfloat16: lora_B2 has shape (4, 64)") == \
+        "dtype float32, not bfloat16: lora_B2 has shape (#, #)"
+    assert items._pattern("expected -0.5, got +3") == "expected #, got #"
