@@ -187,3 +187,22 @@ def test_defaults_follow_the_model_size():
     assert hardware.default_hyperparameters(8e9, gpu=True)["learning_rate"] == 2e-4
     assert hardware.default_hyperparameters(65e9, gpu=True)["learning_rate"] == 1e-4
     assert hardware.default_hyperparameters(8e9, gpu=True)["warmup_ratio"] == 0.03
+
+
+def test_a_simulated_gpu_builds_gpu_settings_and_leaves_nothing_behind():
+    """`simulated_gpu` lets 07's tests build `TrainingArguments(bf16=True)` for an A100 on a CPU; after
+    it, torch, transformers' cached checks and accelerate's process state describe the CPU again."""
+    from accelerate.state import PartialState
+    from transformers import TrainingArguments
+
+    with hardware.simulated_gpu(KNOWN_GPUS["A100-80GB"]) as device:
+        assert torch.cuda.is_available() and hardware.current_device() == device
+        args = TrainingArguments(output_dir="unused", bf16=True, optim="paged_adamw_8bit", report_to="none")
+        assert args.bf16 and args.optim.value == "paged_adamw_8bit"
+    assert not torch.cuda.is_available()
+    with pytest.raises(ValueError, match="bf16"):
+        TrainingArguments(output_dir="unused", bf16=True, report_to="none")
+    assert str(TrainingArguments(output_dir="unused", use_cpu=True, report_to="none").device) == "cpu"
+    assert PartialState().device.type == "cpu"
+    with hardware.simulated_gpu(hardware.cpu_device()):
+        assert not torch.cuda.is_available()

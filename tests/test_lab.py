@@ -50,6 +50,10 @@ def test_notebook_runs_on_cpu_and_writes_every_figure(executed_solution):
     assert results["config"]["max_steps"] == CPU_LIMITS["max_steps"], "a CPU run is capped at the CPU limits"
     check_results(results, steps=CPU_LIMITS["max_steps"])
     assert (folder / "lab_output" / "loss.png").stat().st_size > 1000
+    assert results["recipe"] == dict.fromkeys(("load_in_4bit", "add_lora", "collate", "training_arguments"), "yours")
+    assert "your recipe" in text and "stored run" in text, "the learner's run is set beside the lab's stored one"
+    gap = float(re.search(r"largest loss difference over \d+ steps: (\S+)", text).group(1))
+    assert gap < 0.05, f"the solution's recipe is the lab's: its losses should lie on the stored run's ({gap})"
 
 
 @pytest.mark.slow
@@ -205,3 +209,46 @@ def test_dockerfile_runs_jupyterlab_as_a_non_root_user():
     cmd = re.search(r"^CMD (.*)$", text, re.M).group(1)
     assert "jupyter" in cmd and "lab" in cmd and "--port=8888" in cmd and "0.0.0.0" in cmd
     assert "--allow-root" not in text
+
+
+def test_an_unwritten_recipe_piece_falls_back_to_the_labs(capsys):
+    """A notebook's stub raises NotImplementedError: the lab uses its own piece, says so, and records it;
+    any other error is the learner's to see."""
+    from transformers import AutoTokenizer
+
+    from peftlab import lab, reference
+    from peftlab.models import smollm2_path
+    from peftlab.task import make_splits
+
+    def unwritten(*args):
+        raise NotImplementedError()
+
+    tokenizer, examples = AutoTokenizer.from_pretrained(smollm2_path()), make_splits(n_train=3, n_test=1)[0]
+    recipe = lab.Recipe(collate=unwritten, training_arguments=lambda *args: 1 / 0)
+    batch = recipe.call("collate", examples, tokenizer, 32)
+    assert all(v.equal(reference.collate_examples(examples, tokenizer, 32)[k]) for k, v in batch.items())
+    recipe.call("collate", examples, tokenizer, 32)
+    assert capsys.readouterr().out.count("not written yet") == 1, "said once, not at every batch"
+    with pytest.raises(ZeroDivisionError):
+        recipe.call("training_arguments", None, None)
+    assert recipe.origins()["collate"] == "the lab's (yours is not written yet)"
+    assert recipe.origins()["load_in_4bit"] == "not used"
+
+
+def test_the_stored_reference_run_is_the_notebooks_cpu_run(monkeypatch):
+    """On a CPU with the notebook's parameters, the lab's recipe is the stored run (a CPU run takes a
+    minute); with any other setting, or on a GPU, it runs."""
+    from peftlab import hardware, lab
+
+    env = {"cuda": False, "precision": "fp32", "_device": hardware.cpu_device()}
+    config = lab.settle(lab.fit_to_machine(lab.LabConfig(), env, quiet=True), env)
+    stored = json.loads(lab.STORED_REFERENCE.read_text())
+    assert all(stored["config"][key] == getattr(config, key) for key in lab._SAME_RUN), "rerun benchmarks/lab_reference.py"
+    assert len(stored["loss"]) == config.max_steps and stored["recipe"]["collate"] == "the lab's"
+    mine = {"config": dict(stored["config"], output_dir="out"), "environment": {"cuda": False}}
+    assert lab.reference_run(mine)["stored"]
+    runs = []
+    monkeypatch.setattr(lab, "run", lambda config, **kwargs: runs.append(config) or {"loss": []})
+    lab.reference_run({**mine, "config": dict(mine["config"], max_steps=7)})
+    lab.reference_run({**mine, "environment": {"cuda": True}})
+    assert [c.max_steps for c in runs] == [7, config.max_steps] and runs[0].output_dir == str(Path("out") / "reference")

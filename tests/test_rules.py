@@ -87,6 +87,16 @@ def test_the_rule_follows_a_helper_and_ignores_the_instructor_s_imports():
     assert "scores no points" in rules.message("count", "imports peft")
 
 
+def test_an_argument_named_like_a_reference_function_is_not_a_call_of_it():
+    """07's predict_peak_bytes takes ``load_in_4bit=True``, the name of a reference function: using the
+    argument is not calling the reference; a bare global call of it still is."""
+    names = frozenset({"load_in_4bit"})
+    argument = "def predict(config, load_in_4bit=True):\n    return 4 if load_in_4bit else 2\n"
+    assert rules.direct_use(argument, {}, [rules.REFERENCE], set(), names) is None
+    call = "def predict(path):\n    return load_in_4bit(path, {})\n"
+    assert rules.direct_use(call, {}, [rules.REFERENCE], set(), names) == "calls load_in_4bit of peftlab.reference"
+
+
 def test_a_test_s_call_is_read_by_its_global_names_not_its_attributes():
     """``spt(ids).loss`` loads the attribute ``loss``: a cell defining a global ``loss`` is not called."""
     def step(ids):
