@@ -118,3 +118,20 @@ def test_the_gguf_memo_is_undone_after_the_conversion():
         assert gguf.GGUFReader is not reader and gguf.get_tensor_name_map is not name_map
         raise RuntimeError("a conversion that fails")
     assert gguf.GGUFReader is reader and gguf.get_tensor_name_map is name_map
+
+
+def test_the_converted_checkpoint_is_readable_by_the_graders_sandboxed_kernels(monkeypatch, tmp_path):
+    """Sandboxed kernels run as another user: a cache whose weights only their owner could read (as
+    transformers writes them) is opened to every reader when it is found."""
+    import stat
+
+    folder = tmp_path / "cache" / models._CACHE_NAME
+    folder.mkdir(parents=True)
+    (folder / models._COMPLETE_MARKER).write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"0")
+    weights.chmod(0o600)
+    folder.chmod(0o700)
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+    assert models._cached_smollm2() == folder
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644 and stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -123,7 +123,32 @@ def smollm2_gguf_path() -> Path | None:
 
 def _cached_smollm2() -> Path | None:
     folder = cache_dir() / _CACHE_NAME
-    return folder if (folder / _COMPLETE_MARKER).is_file() else None
+    if not (folder / _COMPLETE_MARKER).is_file():
+        return None
+    _readable_by_all(folder)  # a cache converted before this was shared kept its weights private
+    return folder
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Let every user read the converted checkpoint: the grader's sandboxed kernels run as another user,
+    and transformers 5.24 writes ``model.safetensors`` readable by its owner only. Files of another
+    owner are left as they are."""
+    import stat
+
+    for path in [folder, *folder.iterdir()]:
+        mode = path.stat().st_mode
+        wanted = mode | stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH | (stat.S_IXGRP | stat.S_IXOTH if path.is_dir() else 0)
+        if mode != wanted and path.owner() == _user():
+            path.chmod(stat.S_IMODE(wanted))
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
 
 
 def _convert_gguf(gguf: Path) -> Path:
@@ -217,7 +242,7 @@ def _convert_gguf_unlocked(gguf: Path, target: Path) -> Path:
         (staging / _COMPLETE_MARKER).write_text(
             json.dumps({"source": str(gguf), "size_bytes": gguf.stat().st_size}, indent=2)
         )
-        staging.chmod(0o755)  # mkdtemp makes it private; the grader's sandboxed kernels read it as another user
+        _readable_by_all(staging)  # mkdtemp and save_pretrained make it private; sandboxed kernels read it as another user
         try:
             os.replace(staging, target)
         except OSError:
