@@ -18,6 +18,7 @@ Writes ``src/peftlab/data/forgetting.json`` (notebook 08 reads it, in Colab too)
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import statistics
 import sys
@@ -77,29 +78,39 @@ def main(argv=None) -> int:
                            "forgetting": "next-token loss on peftlab.quant.HELD_OUT_TEXT above the base model's"},
               "machine": machine(), "date": dt.date.today().isoformat(), "base_held_out_loss": base_loss, "methods": {}}
     for name, rank in methods.items():
-        grid = rates["lora" if rank is not None else "full"]
-        validation_scores = {lr: run_once(factory, tokenizer, rank, lr, 0, train_set, validation)["accuracy"] for lr in grid}
-        best = max(grid, key=lambda lr: (validation_scores[lr], -lr))
-        runs = [run_once(factory, tokenizer, rank, best, seed, train_set, test_set) for seed in seeds]
-        forgetting = [r["held_out_loss"] - base_loss for r in runs]
-        accuracies = [r["accuracy"] for r in runs]
-        report["methods"][name] = {
-            "rank": rank, "lr": best, "validation": {str(lr): v for lr, v in validation_scores.items()},
-            "test": accuracies, "mean": statistics.fmean(accuracies), "forgetting": forgetting,
-            "forgetting_mean": statistics.fmean(forgetting), "trainable": runs[0]["trainable"],
-            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs)}
+        run = functools.partial(run_once, factory, tokenizer, rank, train_set=train_set)
+        report["methods"][name] = {"rank": rank, **rate_then_seeds(run, rates["lora" if rank is not None else "full"],
+                                                                   seeds, validation, test_set, base_loss)}
         m = report["methods"][name]
-        print(f"{name:<18} lr {best:g}: test {m['mean']:.1%}, held-out loss +{m['forgetting_mean']:.3f}", flush=True)
-    report["minutes"] = (time.perf_counter() - started) / 60
+        print(f"{name:<18} lr {m['lr']:g}: test {m['mean']:.1%}, held-out loss +{m['forgetting_mean']:.3f}", flush=True)
     print(f"\nbase model: held-out loss {base_loss:.3f}")
     print(f"{'method':<18}{'trainable':>12}{'lr':>8}{'test mean':>11}{'forgetting':>12}")
     for name, m in report["methods"].items():
         print(f"{name:<18}{m['trainable']:>12,}{m['lr']:>8g}{m['mean']:>11.1%}{m['forgetting_mean']:>+12.3f}")
+    finish(report, started, args)
+    return 0
+
+
+def rate_then_seeds(run, rates, seeds, validation, test_set, base_loss) -> dict:
+    """The better of ``rates`` on the validation dates (seed 0), then that rate with each seed on the
+    test dates; ``run(lr, seed, scored)`` trains one model and scores it (`run_once`). What both stored
+    experiments (this one and benchmarks/placement.py) keep of a method."""
+    scores = {lr: run(lr, 0, scored=validation)["accuracy"] for lr in rates}
+    best = max(rates, key=lambda lr: (scores[lr], -lr))
+    runs = [run(best, seed, scored=test_set) for seed in seeds]
+    accuracies, forgetting = [r["accuracy"] for r in runs], [r["held_out_loss"] - base_loss for r in runs]
+    return {"lr": best, "validation": {str(lr): v for lr, v in scores.items()}, "test": accuracies,
+            "mean": statistics.fmean(accuracies), "forgetting": forgetting, "forgetting_mean": statistics.fmean(forgetting),
+            "trainable": runs[0]["trainable"], "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs)}
+
+
+def finish(report: dict, started: float, args) -> None:
+    """The run's minutes into ``report``, and the report into ``args.output`` (not for --quick)."""
+    report["minutes"] = (time.perf_counter() - started) / 60
     print(f"{report['minutes']:.1f} minutes")
     if not args.quick:
         args.output.write_text(json.dumps(report, indent=1) + "\n")
         print(f"written: {args.output}")
-    return 0
 
 
 if __name__ == "__main__":

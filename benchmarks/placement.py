@@ -17,8 +17,7 @@ Writes ``src/peftlab/data/placement.json`` and prints a table.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import statistics
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "src" / "peftlab" / "data" / "placement.json"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from capstone import arguments, machine  # noqa: E402
-from forgetting import BATCH, N_TEST, N_TRAIN, N_VALIDATION, SEEDS, STEPS, run_once  # noqa: E402
+from forgetting import BATCH, N_TEST, N_TRAIN, N_VALIDATION, SEEDS, STEPS, finish, rate_then_seeds, run_once  # noqa: E402
 
 PLACEMENTS = {
     "attention only (q, k, v, o), r=21": (["q_proj", "k_proj", "v_proj", "o_proj"], 21),
@@ -54,27 +53,17 @@ def main(argv=None) -> int:
                            "alpha": "2 r", "forgetting": "next-token loss on peftlab.quant.HELD_OUT_TEXT above the base model's"},
               "machine": machine(), "date": dt.date.today().isoformat(), "base_held_out_loss": base_loss, "placements": {}}
     for name, (targets, rank) in PLACEMENTS.items():
-        scores = {lr: run_once(factory, tokenizer, rank, lr, 0, train_set, validation, targets)["accuracy"] for lr in rates}
-        best = max(rates, key=lambda lr: (scores[lr], -lr))
-        runs = [run_once(factory, tokenizer, rank, best, seed, train_set, test_set, targets) for seed in seeds]
-        accuracies = [r["accuracy"] for r in runs]
-        forgetting = [r["held_out_loss"] - base_loss for r in runs]
-        report["placements"][name] = {
-            "targets": targets, "rank": rank, "lr": best, "validation": {str(lr): v for lr, v in scores.items()},
-            "test": accuracies, "mean": statistics.fmean(accuracies), "forgetting": forgetting,
-            "forgetting_mean": statistics.fmean(forgetting), "trainable": runs[0]["trainable"],
-            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs)}
+        run = functools.partial(run_once, factory, tokenizer, rank, train_set=train_set, targets=targets)
+        report["placements"][name] = {"targets": targets, "rank": rank,
+                                      **rate_then_seeds(run, rates, seeds, validation, test_set, base_loss)}
         m = report["placements"][name]
-        print(f"{name:<36} lr {best:g}: test {m['mean']:.1%} {accuracies}, held-out loss +{m['forgetting_mean']:.3f}", flush=True)
-    report["minutes"] = (time.perf_counter() - started) / 60
+        print(f"{name:<36} lr {m['lr']:g}: test {m['mean']:.1%} {m['test']}, held-out loss +{m['forgetting_mean']:.3f}",
+              flush=True)
     print(f"{'placement':<36}{'trainable':>11}{'lr':>7}{'test mean':>11}{'forgetting':>12}{'s/step':>8}")
     for name, m in report["placements"].items():
         print(f"{name:<36}{m['trainable']:>11,}{m['lr']:>7g}{m['mean']:>11.1%}{m['forgetting_mean']:>+12.3f}"
               f"{m['seconds_per_step']:>8.2f}")
-    print(f"{report['minutes']:.1f} minutes")
-    if not args.quick:
-        args.output.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"written: {args.output}")
+    finish(report, started, args)
     return 0
 
 

@@ -135,3 +135,15 @@ def test_the_converted_checkpoint_is_readable_by_the_graders_sandboxed_kernels(m
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
     assert models._cached_smollm2() == folder
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644 and stat.S_IMODE(folder.stat().st_mode) == 0o755
+
+
+@pytest.mark.slow
+def test_one_smollm2_layer_and_the_expected_4bit_layout_agree_with_the_whole_model(smollm2):
+    """The graders' cheap stand-ins for a whole SmolLM2 (08's DoRA test takes one layer; 07's SmolLM2
+    test compares with the layout the tiny model's real 4-bit load implies) agree with the real thing."""
+    from peftlab import reference
+    from peftlab.models import family_config, smollm2_linear, smollm2_path
+
+    layer = smollm2_linear("model.layers.0.self_attn.v_proj")
+    assert torch.equal(layer.weight, smollm2[0].model.layers[0].self_attn.v_proj.weight) and layer.bias is None
+    assert reference.layout_for(family_config("SmolLM2-135M"), "fp16") == reference.loaded_4bit_layout(smollm2_path(), "fp16")

@@ -318,6 +318,22 @@ def load_smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_path())
 
 
+def smollm2_linear(name: str) -> torch.nn.Linear:
+    """One of SmolLM2's linear layers (``"model.layers.0.self_attn.v_proj"``) with its real weights,
+    read alone from the converted checkpoint: a test's real layer without the whole model's 0.5 GB."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(smollm2_path()) / "model.safetensors"), framework="pt") as weights:
+        weight = weights.get_tensor(f"{name}.weight")
+        bias = weights.get_tensor(f"{name}.bias") if f"{name}.bias" in weights.keys() else None
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct (``tokenizer=False``: the model alone).
 

@@ -396,8 +396,7 @@ def add_lora(model, config, settings: dict):
 @functools.lru_cache(maxsize=16)
 def loaded_4bit_layout(path: str | None, precision: str) -> dict:
     """`peftlab.checks.describe_4bit` of `load_in_4bit` on ``path`` (None: `peftlab.models.tiny_llama`
-    with seed 0), remembered: a grader compares every submission with the same load (SmolLM2's takes
-    about 4 s)."""
+    with seed 0), remembered: a grader compares every submission with the same load."""
     import tempfile
 
     from peftlab.checks import describe_4bit
@@ -408,6 +407,24 @@ def loaded_4bit_layout(path: str | None, precision: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         tiny_llama(seed=0).save_pretrained(folder)
         return describe_4bit(load_in_4bit(folder, {"precision": precision}))
+
+
+def layout_for(config, precision: str) -> dict:
+    """What `load_in_4bit` gives for the model ``config`` describes, without loading it: its linear
+    layers (from the meta device) in the format the real load of the tiny Llama gives, the output
+    layer as that load leaves it. A grader checks a learner's SmolLM2 load against this, so that it
+    holds no 4-bit SmolLM2 of its own (1.1 GB at its peak, against 0.6 GB for every other check)."""
+    from torch import nn
+
+    from peftlab.models import meta_model
+
+    tiny = loaded_4bit_layout(None, precision)
+    quantized = next(layer for layer in tiny["layers"].values() if layer["kind"] == "4-bit")
+    model = meta_model(config)
+    output = model.get_output_embeddings()
+    layers = {name: dict(tiny["layers"]["lm_head"]) if m is output else dict(quantized)
+              for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {"class": type(model).__name__, "layers": layers, "devices": tiny["devices"]}
 
 
 def adapter_layout(config: dict, settings: dict) -> dict:
@@ -459,4 +476,4 @@ def training_arguments(config, settings: dict):
 
     return TrainingArguments(**training_argument_values(config, settings))
 
-__all__ = ["adapter_layout", "add_lora", "bnb_nf4", "collate_examples", "load_in_4bit", "loaded_4bit_layout", "bnb_storage_bits", "lora_weights", "nf4_table", "peft_lora_count", "peft_lora_layer", "peft_lora_model", "peft_prefix_count", "peft_prefix_tuning", "peft_prefixes", "peft_prompt_count", "peft_prompt_tuning", "peft_prompt_vectors", "predict_peak_bytes", "qlora_quantization_config", "real_param_count", "training_argument_values", "training_arguments", "training_settings"]
+__all__ = ["adapter_layout", "add_lora", "bnb_nf4", "collate_examples", "layout_for", "load_in_4bit", "loaded_4bit_layout", "bnb_storage_bits", "lora_weights", "nf4_table", "peft_lora_count", "peft_lora_layer", "peft_lora_model", "peft_prefix_count", "peft_prefix_tuning", "peft_prefixes", "peft_prompt_count", "peft_prompt_tuning", "peft_prompt_vectors", "predict_peak_bytes", "qlora_quantization_config", "real_param_count", "training_argument_values", "training_arguments", "training_settings"]
