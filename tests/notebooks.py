@@ -210,10 +210,11 @@ def environ(**values):
                 os.environ[k] = v
 
 
-def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = None):
+def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = None, slow: set[str] = frozenset()):
     """Pytest functions checking that a notebook's graded tests pass its solution, reject each mutant
     (a plausible student mistake: ``name -> (grade_id, old, new, test ids of which one must fail)``)
-    and accept each correct variant (``name -> (grade_id, old, new)``).
+    and accept each correct variant (``name -> (grade_id, old, new)``). Mutants named in ``slow`` run
+    in the slow tier only (the quick tier keeps a few of each exercise).
 
     Use: ``test_solution, test_mistake, test_variant = mutation_tests(NB, MUTANTS, VARIANTS)``.
     """
@@ -237,7 +238,7 @@ def mutation_tests(path: Path, mutants: dict, correct_variants: dict | None = No
         outcomes = run_graded_path(notebook())
         assert outcomes and all(v is None for v in outcomes.values()), summary(outcomes)
 
-    @pytest.mark.parametrize("name", list(mutants))
+    @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in mutants])
     def test_tests_reject_mistake(name):
         grade_id, old, new, must_fail = mutants[name]
         outcomes = swapped(grade_id, old, new, until={grade_id, *must_fail})
