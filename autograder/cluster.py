@@ -33,9 +33,10 @@ from autograder.worker import WorkerProcess, convert_models_once
 _IDLE: "queue.SimpleQueue" = queue.SimpleQueue()  # this Dask worker's grading processes, between tasks
 
 
-def grade_remote(job: str, notebook: str) -> dict:
+def grade_remote(job: str, notebook: str, gradebook: str | None = None) -> dict:
     """On a worker: grade one prepared notebook (``job``: a `Job` as JSON); ``{"result": its `Result` as
-    JSON, "executed": the judged notebook's text}``.
+    JSON, "executed": the judged notebook's text}``, and when the job is scored here (into the server at
+    ``gradebook``), ``"autograded"`` and ``"feedback"``: nbgrader's files.
 
     The grading runs in a long-lived `autograder.worker` process of this Dask worker (started on its
     first task, reused by the next: the judge's libraries are imported once), with a fresh sandboxed
@@ -51,15 +52,19 @@ def grade_remote(job: str, notebook: str) -> dict:
             worker = _IDLE.get_nowait()
         except queue.Empty:
             worker = None
-        if worker is None or not worker.alive():
-            worker = WorkerProcess()
+        if worker is None or not worker.alive() or worker.gradebook != gradebook:
+            worker = WorkerProcess(gradebook)
         error = worker.grade(local)
         if error is None:
             _IDLE.put(worker)
         result, output = Path(local.result), Path(local.output)
         if error or not (result.exists() and output.exists()):
             raise RuntimeError(error or "the grading process left no result")
-        return {"result": result.read_text(), "executed": output.read_text()}
+        value = {"result": result.read_text(), "executed": output.read_text()}
+        for key, path in zip(("autograded", "feedback"), local.scored_files(), strict=True):
+            if path.exists():
+                value[key] = path.read_text()
+        return value
 
 
 def _prepare_worker() -> str:
@@ -85,8 +90,8 @@ def kept_environ():
 class Cluster:
     """The `autograder.dispatch.Workers` interface (``run(jobs, on_done)``) on a Dask cluster."""
 
-    def __init__(self, address: str, job_timeout: float):
-        self.address, self.job_timeout = address, job_timeout
+    def __init__(self, address: str, job_timeout: float, gradebook: str | None = None):
+        self.address, self.job_timeout, self.gradebook = address, job_timeout, gradebook
 
     def _client(self):
         from dask.distributed import Client, LocalCluster
@@ -111,7 +116,7 @@ class Cluster:
             futures = {}
             for job in jobs:
                 notebook = Path(job.notebook).read_text()
-                future = client.submit(grade_remote, job.to_json(), notebook,
+                future = client.submit(grade_remote, job.to_json(), notebook, self.gradebook,
                                        key=f"grade-{Path(job.folder).name}-{id(job)}", pure=False)
                 futures[future] = job
             for future in as_completed(futures):
@@ -121,6 +126,9 @@ class Cluster:
                     value = future.result(timeout=self.job_timeout)
                     Path(job.result).write_text(value["result"])
                     Path(job.output).write_text(value["executed"])
+                    for key, path in zip(("autograded", "feedback"), job.scored_files(), strict=True):
+                        if key in value:
+                            path.write_text(value[key])
                 except Exception as exc:  # noqa: BLE001 - a task the cluster could not finish is a failed row
                     error = f"the cluster could not grade it: {type(exc).__name__}: {str(exc)[:300]}"
                 on_done(job, error)

@@ -1,6 +1,7 @@
 """Stage 3, execute: send every `Job` to a grading process (`autograder.worker`: a sandboxed kernel per
-notebook, the judge outside it), on this machine or on a Dask cluster (`autograder.cluster`), and
-gather the judged notebooks and what each run found into the submissions."""
+notebook, the judge outside it; with a gradebook server, nbgrader's scoring too), on this machine or on
+a Dask cluster (`autograder.cluster`), and gather the judged notebooks, the scores and files of those
+already scored, and what each run found into the submissions."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from autograder.worker import SLACK_SECONDS, WorkerProcess, convert_models_once
 class Workers:
     """``n`` long-lived `autograder.worker` processes grading the jobs between them."""
 
-    def __init__(self, n: int):
-        self.n = max(1, n)
+    def __init__(self, n: int, gradebook: str | None = None):
+        self.n, self.gradebook = max(1, n), gradebook
 
     def run(self, jobs: list[Job], on_done) -> None:
         todo: queue.Queue = queue.Queue()
@@ -35,7 +36,7 @@ class Workers:
                 except queue.Empty:
                     break
                 if worker is None or not worker.alive():
-                    worker = WorkerProcess()
+                    worker = WorkerProcess(self.gradebook)
                 error = worker.grade(job)
                 if error:
                     worker = None
@@ -66,8 +67,9 @@ def kernel_threads(workers: int) -> tuple[int, str | None]:
     return threads, note
 
 
-def _record(sub: Submission, job: Job, error: str | None) -> nbformat.NotebookNode | None:
-    """Put what grading ``job`` found into ``sub``; its judged notebook, or None when it failed."""
+def _record(sub: Submission, job: Job, error: str | None) -> tuple[nbformat.NotebookNode | None, tuple | None]:
+    """Put what grading ``job`` found into ``sub``: its judged notebook, or None when it failed; and
+    when its grading process scored it, nbgrader's autograded notebook and feedback (texts)."""
     result = Result()
     if not error:
         try:
@@ -84,25 +86,38 @@ def _record(sub: Submission, job: Job, error: str | None) -> nbformat.NotebookNo
     output = Path(job.output)
     if error or not output.exists():
         sub.status, sub.reason = "failed", error or "no output"
-        return None
-    return nbformat.read(output, as_version=4)
+        return None, None
+    nb, scored = nbformat.read(output, as_version=4), None
+    if job.score_here and result.score_error:
+        sub.notes.append(f"scored by the run, not where it was graded: {result.score_error[:300]}")
+    elif job.score_here and isinstance(result.score, (int, float)) and isinstance(result.max_score, (int, float)):
+        try:
+            scored = tuple(path.read_text() for path in job.scored_files())
+            sub.score, sub.max_score = float(result.score), float(result.max_score)
+        except OSError:
+            pass
+    return nb, scored
 
 
-def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str | None,
-            progress: bool) -> dict[Submission, nbformat.NotebookNode]:
-    """Grade every job, ``workers`` at a time here or on the Dask cluster at ``scheduler``; the judged
-    notebook of each submission that ran (the others are marked failed, with the reason)."""
+def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str | None, progress: bool,
+            gradebook: str | None = None) -> tuple[dict, dict]:
+    """Grade every job, ``workers`` at a time here or on the Dask cluster at ``scheduler``; with
+    ``gradebook`` (a server's URL, for jobs that `Job.score_here`), the grading processes score them into
+    it too. Returns the judged notebook of each submission that ran (the others are marked failed, with
+    the reason), and the (autograded notebook, feedback) of each one its grading process scored."""
     convert_models_once()  # before any kernel starts: kernels see the model cache read-only
     by_folder = {job.folder: sub for job, sub in pairs}
-    executed, lock = {}, threading.Lock()
+    executed, scored, lock = {}, {}, threading.Lock()
     bar = _progress(len(pairs)) if progress else None
 
     def done(job: Job, error: str | None) -> None:
         sub = by_folder[job.folder]
         with lock:
-            nb = _record(sub, job, error)
+            nb, files = _record(sub, job, error)
             if nb is not None:
                 executed[sub] = nb
+            if files is not None:
+                scored[sub] = files
             shutil.rmtree(job.folder, ignore_errors=True)  # whatever the kernel left goes at once
             if bar is not None:
                 bar.update(1)
@@ -111,12 +126,13 @@ def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str
     if scheduler:
         from autograder.cluster import Cluster
 
-        Cluster(scheduler, max((job.notebook_timeout for job in jobs), default=0) + SLACK_SECONDS).run(jobs, done)
+        Cluster(scheduler, max((job.notebook_timeout for job in jobs), default=0) + SLACK_SECONDS,
+                gradebook).run(jobs, done)
     else:
-        Workers(workers).run(jobs, done)
+        Workers(workers, gradebook).run(jobs, done)
     if bar is not None:
         bar.close()
-    return executed
+    return executed, scored
 
 
 def _progress(total: int):

@@ -48,7 +48,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from autograder import dispatch, ingest, prepare, report, sandbox, score  # noqa: E402
+from autograder import dispatch, gradebook, ingest, prepare, report, sandbox, score  # noqa: E402
 from autograder.records import Job, Submission  # noqa: E402
 
 
@@ -97,7 +97,14 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
             print("no submissions found", file=sys.stderr)
             report.write_report(root, skipped, run.notes, time.monotonic() - run.start, workers, False)
             return skipped
-        releases = prepare.releases_of(root, sorted({s.assignment for s in submissions}), work)
+        url = gradebook.url_for(root)
+        server = gradebook.is_server(url)
+        if server:
+            gradebook.check(url)
+        with gradebook.serialised(url):  # another run on the same server waits here, not in the middle
+            releases = prepare.releases_of(root, sorted({s.assignment for s in submissions}), work, url)
+            if server:
+                gradebook.add_students(url, [s.student for s in submissions])
         sources = {name: (solutions[name], release) for name, release in releases.items()}
         use_sandbox = use_sandbox and sandbox.available()
         if not use_sandbox:
@@ -107,14 +114,15 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         run.notes += [busy] if busy else []
         limits = Job("", "", "", "", cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
                      memory_mb=int(memory_gb * 1024), sandbox=use_sandbox, expose=tuple(expose or ()),
-                     max_procs=max_procs, threads=threads, warm=warm)
+                     max_procs=max_procs, threads=threads, warm=warm, score_here=server)
         jobs = prepare.jobs(root, submissions, sources, work, limits)
         clock = run.phase("ingest and prepare", run.start)
-        executed = dispatch.execute(jobs, workers=workers, scheduler=scheduler, progress=progress)
-        clock = run.phase("execute", clock)
-        run.notes += score.score(root, submissions, executed, releases, work)
-        clock = run.phase("score (nbgrader)", clock)
-        note = report.item_analysis(root, submissions, executed, sources)
+        executed, scored = dispatch.execute(jobs, workers=workers, scheduler=scheduler, progress=progress,
+                                            gradebook=url if server else None)
+        clock = run.phase("execute" + (" and score" if server else ""), clock)
+        run.notes += score.score(root, submissions, executed, scored, releases, work, url)
+        clock = run.phase("gather and export" if server else "score (nbgrader)", clock)
+        note = report.item_analysis(root, url, assignments(root))
         run.notes += [note] if note else []
         run.phase("item analysis", clock)
         report.write_report(root, submissions + skipped, run.notes, time.monotonic() - run.start, workers,
@@ -138,9 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--scheduler", help="run the kernels on a Dask cluster: its scheduler's address "
                                             "(tcp://host:8786), or local:N for a LocalCluster of N workers")
+    parser.add_argument("--gradebook", metavar="URL",
+                        help="the gradebook on a database server (postgresql+psycopg://user:password@host/db); "
+                             f"default: ${gradebook.ENV}, else the course's SQLite file")
     parser.add_argument("--cold-kernels", action="store_true",
                         help="start every kernel as a new interpreter, not forked from a warm one (slower)")
     args = parser.parse_args(argv)
+    if args.gradebook:  # the variable nbgrader's configuration and every process this run starts read
+        os.environ[gradebook.ENV] = args.gradebook
     grade(args.submissions, workers=args.workers, only=args.assignment, cell_timeout=args.cell_timeout,
           notebook_timeout=args.notebook_timeout, memory_gb=args.memory_gb, use_sandbox=not args.no_sandbox,
           progress=not args.quiet, expose=args.expose, max_procs=args.max_procs, scheduler=args.scheduler,

@@ -1,4 +1,4 @@
-"""Item analysis after a grading run: how each test cell did across the class.
+"""Item analysis of a class: how each test cell did across every submission the gradebook holds.
 
 For every assignment and every test cell: the share of graded students who passed it, its
 discrimination (the pass rate among the top third of the class by total score, less the bottom
@@ -7,15 +7,19 @@ for tests that nearly no one passes (a broken test, or an exercise whose text mi
 everyone passes (a test that tells students apart no more). Per assignment: a histogram of the
 scores. nbgrader has none of this.
 
-What it reads is what the grader wrote into each test cell (a verdict, see `autograder.execute`), so
-a hidden test's text never appears: its failures read "a hidden test failed". Failure messages are
-grouped with their numbers replaced by ``#`` (a message such as "counted 1,234 parameters" differs from
-student to student), cut to 200 characters, and HTML-escaped in the report, since a message may quote
-what a student's code returned.
+Who passed what comes from the gradebook (`autograder.gradebook.test_scores`), so the analysis covers
+the whole class, graded in one run or many, here or on other machines, and a score an instructor
+changed by hand counts as changed. Why a test failed comes from the autograded notebook nbgrader
+keeps for each submission (``autograder/autograded/``): what the grader wrote into the test cell (a
+verdict, see `autograder.execute`), so a hidden test's text never appears: its failures read "a hidden
+test failed". A submission that could not be graded (scored as a stand-in) is left out. Failure
+messages are grouped with their numbers replaced by ``#`` (a message such as "counted 1,234
+parameters" differs from student to student), cut to 200 characters, and HTML-escaped in the report,
+since a message may quote what a student's code returned.
 
 Writes ``autograder/reports/items.json``, ``items.html`` (tables and the histograms, one
-self-contained file) and ``items-<assignment>.png``, for the submissions of the run (a run that
-re-grades a few students describes those few); each run's JSON and HTML are also kept with a time stamp.
+self-contained file) and ``items-<assignment>.png``; each run's JSON and HTML are also kept with a
+time stamp.
 """
 
 from __future__ import annotations
@@ -61,12 +65,43 @@ def _pattern(message: str) -> str:
     return text if len(text) <= 200 else text[:200] + " [...]"
 
 
+NO_MESSAGE = "NoMessage: failed; no autograded notebook on this machine says why"
+BY_HAND = "ScoredByHand: the grader passed it; its score was changed by hand"
+
+
+def _messages(root: Path, student: str, assignment: str) -> dict[str, str | None]:
+    """The verdicts in the autograded notebook nbgrader kept for a submission; {} when there is none."""
+    path = Path(root) / "autograder" / "autograded" / student / assignment / f"{assignment}.ipynb"
+    try:
+        return verdicts(json.loads(path.read_text()))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def class_rows(root: Path, url: str, assignments: list[str]) -> list[tuple[str, str, float, float, dict]]:
+    """(assignment, student, score, max_score, {grade_id: None when passed, else why}) for every graded
+    submission of ``assignments`` in the gradebook at ``url``; stand-ins for submissions that could not
+    be graded are left out."""
+    from autograder import gradebook
+
+    rows = []
+    for (assignment, student), cells in sorted(gradebook.test_scores(url, assignments).items()):
+        messages = _messages(root, student, assignment)
+        if messages and all(str(m).startswith("NotGraded") for m in messages.values()):
+            continue
+        outcomes = {grade_id: None if got >= most else (messages.get(grade_id) or (BY_HAND if grade_id in messages else NO_MESSAGE))
+                    for grade_id, (got, most) in cells.items()}
+        rows.append((assignment, student, sum(g for g, _ in cells.values()), sum(m for _, m in cells.values()), outcomes))
+    return rows
+
+
 def analyse(graded: list[tuple[str, str, float, float, dict]], points: dict[str, dict[str, float]]) -> dict:
-    """``graded``: (assignment, student, score, max_score, executed notebook) for each graded
-    submission; ``points``: assignment -> {grade_id: points} of its test cells, in notebook order."""
+    """``graded``: (assignment, student, score, max_score, {grade_id: None when passed, else the
+    failure message}) for each graded submission (`class_rows`); ``points``: assignment ->
+    {grade_id: points} of its test cells, in notebook order."""
     report = {}
     for assignment, tests in points.items():
-        rows = [(student, score, max_score, verdicts(nb)) for a, student, score, max_score, nb in graded if a == assignment]
+        rows = [(student, score, max_score, outcomes) for a, student, score, max_score, outcomes in graded if a == assignment]
         if not rows:
             continue
         ranked = sorted(rows, key=lambda r: r[1])

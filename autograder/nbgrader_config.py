@@ -23,8 +23,9 @@ c.CourseDirectory.release_directory = "course"
 c.CourseDirectory.submitted_directory = "autograder/submitted"
 c.CourseDirectory.autograded_directory = "autograder/autograded"
 c.CourseDirectory.feedback_directory = "autograder/feedback"
-# An absolute URL: nbgrader resolves a relative sqlite path against the current directory.
-c.CourseDirectory.db_url = f"sqlite:///{root / 'autograder' / 'gradebook.db'}"
+# A SQLite file by default (an absolute URL: nbgrader resolves a relative path against the current
+# directory), or the database server that $PEFTLAB_GRADEBOOK_URL names (`autograder/gradebook.py`).
+c.CourseDirectory.db_url = os.environ.get("PEFTLAB_GRADEBOOK_URL") or f"sqlite:///{root / 'autograder' / 'gradebook.db'}"
 # Only notebooks and the files they need are released; never caches or checkpoints.
 c.CourseDirectory.ignore = [".ipynb_checkpoints", "*.pyc", "__pycache__", "feedback", ".*", "lab_output"]
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell
 
-from autograder import oracles
+from autograder import gradebook, oracles
 from autograder.records import Job, Submission
 from autograder.release import nbgrader_batch
 from peftlab.rules import bound_names
@@ -364,17 +364,18 @@ def student_names(source_nb) -> list[str]:
     return sorted(names)
 
 
-def releases_of(root: Path, names: list[str], work: Path) -> dict:
-    """The release notebooks of some assignments, with the gradebook told about each. nbgrader's
-    generate_assignment runs (in one nbgrader process for all of them) only for the assignments whose
-    instructor's notebook changed since the last run; its output is kept in autograder/.releases/."""
+def releases_of(root: Path, names: list[str], work: Path, url: str) -> dict:
+    """The release notebooks of some assignments, with the gradebook at ``url`` told about each.
+    nbgrader's generate_assignment runs (in one nbgrader process for all of them) only for the
+    assignments whose instructor's notebook changed since the last run, or that the gradebook lacks;
+    its output is kept in autograder/.releases/."""
     cache = root / "autograder" / ".releases"
-    gradebook = root / "autograder" / "gradebook.db"
     digests, stale = {}, []
     for name in names:
         digests[name] = hashlib.sha256((root / "solutions" / name / f"{name}.ipynb").read_bytes()).hexdigest()
         stamp, release = cache / f"{name}.sha256", cache / name / f"{name}.ipynb"
-        if not (gradebook.exists() and release.exists() and stamp.exists() and stamp.read_text() == digests[name]):
+        if not (release.exists() and stamp.exists() and stamp.read_text() == digests[name]
+                and gradebook.has_assignment(url, name)):
             stale.append(name)
     plan = [["generate_assignment", name, "--force", f"--CourseDirectory.release_directory={cache}"] for name in stale]
     for name, step in zip(stale, nbgrader_batch(root, plan, work) if plan else [], strict=True):
@@ -417,6 +418,7 @@ def jobs(root: Path, submissions: list[Submission], sources: dict, work: Path, l
         nbformat.write(prepared.notebook, folder / "grading.ipynb")
         job = replace(limits, folder=str(folder), notebook=str(folder / "grading.ipynb"),
                       output=str(folder / "executed.ipynb"), result=str(folder / "result.json"),
+                      student=sub.student, assignment=sub.assignment,
                       student_names=tuple(student_names(source)), left_out=tuple(oracles.left_out(source)))
         out.append((job, sub))
     return out

@@ -58,12 +58,19 @@ class Job(_Json):
     left_out: tuple[str, ...] = ()     # libraries the kernel must not import (`oracles.left_out`)
     threads: int = 1                   # the kernel's torch threads
     warm: bool = True                  # fork the kernel from a warm zygote
+    student: str = ""                  # whose notebook it is (the gradebook's id) ...
+    assignment: str = ""               # ... and of which assignment
+    score_here: bool = False           # the grading process also scores it (`autograder.score.score_here`)
 
     def moved_to(self, folder: Path) -> "Job":
         """The same job with its files in ``folder`` (a Dask worker's own temporary folder)."""
         folder = Path(folder)
         return replace(self, folder=str(folder / "job"), notebook=str(folder / "grading.ipynb"),
                        output=str(folder / "executed.ipynb"), result=str(folder / "result.json"))
+
+    def scored_files(self) -> tuple[Path, Path]:
+        """Where a grading process that scores puts nbgrader's autograded notebook and the feedback."""
+        return Path(self.folder) / "autograded.ipynb", Path(self.folder) / "feedback.html"
 
 
 @dataclass(frozen=True)
@@ -78,3 +85,6 @@ class Result(_Json):
     notes: tuple[str, ...] = ()        # repairs and cuts, for the report
     error: str | None = None           # why the grader could not finish, if it could not
     worker_peak_mb: float | None = None  # the grading process's own peak during the job
+    score: float | None = None         # set when the grading process scored it (`Job.score_here`) ...
+    max_score: float | None = None
+    score_error: str | None = None     # ... or why it could not (the run scores it instead)

@@ -17,14 +17,16 @@ from autograder import items
 from autograder.records import Submission
 
 
-def item_analysis(root: Path, submissions: list[Submission], executed: dict, sources: dict) -> str | None:
-    """Per test, who passed and why others did not (never a hidden test's text), in
-    ``autograder/reports/items.*``; a note if it could not be written (the grades stand without it)."""
+def item_analysis(root: Path, url: str, assignments: list[str]) -> str | None:
+    """Per test, who passed and why others did not (never a hidden test's text), over every submission
+    of ``assignments`` the gradebook at ``url`` holds, in ``autograder/reports/items.*``; a note if it
+    could not be written (the grades stand without it)."""
     try:
-        rows = [(s.assignment, s.student, s.score, s.max_score, executed[s]) for s in submissions
-                if s.status == "graded" and s in executed]
-        items.write(root / "autograder" / "reports",
-                    items.analyse(rows, {name: items.test_points(sources[name][0]) for name in sorted(sources)}))
+        points = {}
+        for name in assignments:
+            source = json.loads((root / "solutions" / name / f"{name}.ipynb").read_text())
+            points[name] = items.test_points(source)
+        items.write(root / "autograder" / "reports", items.analyse(items.class_rows(root, url, assignments), points))
     except Exception as exc:  # noqa: BLE001 - the grades stand without it
         return f"the item analysis could not be written: {type(exc).__name__}: {exc}"
     return None

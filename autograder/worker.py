@@ -5,9 +5,10 @@ time, and `WorkerProcess`, the handle the grader (or a Dask worker) holds on one
 
 The grader starts ``--workers`` of these. Each imports the libraries the judge's references need
 (torch, transformers, peft, bitsandbytes) once, then for every `Job` runs `autograder.execute.grade_job`
-(a fresh sandboxed kernel per submission, the judge here) and writes the job's `Result`. On stdout
-it prints only ``PEFTLAB-DONE <job path>`` lines; anything else a library prints is ignored by the
-grader. If a job kills the worker, the grader counts that job as failed and starts a new worker.
+(a fresh sandboxed kernel per submission, the judge here), then, when the gradebook is a server
+(``Job.score_here``), scores the judged notebook into it (`autograder.score.score_here`), and writes
+the job's `Result`. On stdout it prints only ``PEFTLAB-DONE <job path>`` lines; anything else a library
+prints is ignored by the grader. If a job kills the worker, the grader counts that job as failed and starts a new worker.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from autograder.gradebook import ENV
 from autograder.records import Job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,10 +92,13 @@ class WorkerProcess:
     """One long-lived `autograder.worker` process, fed one job at a time; a job that kills or hangs it
     costs only itself (the caller starts another)."""
 
-    def __init__(self):
+    def __init__(self, gradebook: str | None = None):
         self.log = tempfile.TemporaryFile()  # the worker's own messages: the tail is reported if it dies
         # Its own random string hashes (a fixed PYTHONHASHSEED would let a kernel send dict keys that collide).
         env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+        self.gradebook = gradebook
+        if gradebook:  # the server it scores into (`Job.score_here`); kernels never see it
+            env[ENV] = gradebook
         self.proc = subprocess.Popen([sys.executable, "-m", "autograder.worker"], cwd=ROOT, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1,
                                      start_new_session=True, env=env)
@@ -155,6 +160,19 @@ class WorkerProcess:
 
 
 
+def _score(job: Job) -> dict:
+    """Score the judged notebook into the gradebook server, as `autograder.score.score_here`; never raises."""
+    url = os.environ.get(ENV)
+    if not url:
+        return {"score_error": f"this grading process was given no gradebook (${ENV})"}
+    try:
+        from autograder.score import score_here
+
+        return score_here(job, url)
+    except Exception as exc:  # noqa: BLE001 - the run scores it instead
+        return {"score_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
 def main() -> int:
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -184,7 +202,10 @@ def main() -> int:
         job = Job.from_json(Path(path).read_text())
         _reset(job.threads)
         _reset_peak()
-        result = replace(grade_job(job), worker_peak_mb=_peak_mb())
+        result = grade_job(job)
+        if job.score_here and not result.error:
+            result = replace(result, **_score(job))
+        result = replace(result, worker_peak_mb=_peak_mb())
         Path(job.result).write_text(result.to_json())
         protocol.write(f"{DONE} {path}\n")
     return 0

@@ -115,7 +115,8 @@ def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = (), r
     names = sorted({p.stem for p in inbox.rglob("*.ipynb")})
     # The one-off generate_assignment per assignment is not part of the throughput.
     subprocess.run([PY, "-c", "import sys, tempfile; sys.path.insert(0, '.'); from autograder.prepare import releases_of; "
-                    "from pathlib import Path; releases_of(Path(sys.argv[1]), sys.argv[2:], Path(tempfile.mkdtemp()))",
+                    "from pathlib import Path; from autograder.gradebook import url_for; root = Path(sys.argv[1]); "
+                    "releases_of(root, sys.argv[2:], Path(tempfile.mkdtemp()), url_for(root))",
                     str(root), *names], cwd=ROOT, env=genv, check=True)
     seconds = timed([PY, "-m", "autograder.grade", str(inbox), "--workers", str(workers), "--quiet", *extra], cwd=ROOT,
                     env=genv)

@@ -1034,6 +1034,10 @@ def test_regrading_gives_the_same_grades(graded):
     assert (graded["root"] / "autograder" / "grades.csv").read_text() == before
     assert untouched.stat().st_mtime_ns == stamp, "a student outside the regrade was scored and written again"
     assert list((graded["root"] / "autograder" / "backups").glob("gradebook-*.db")), "the gradebook is backed up first"
+    after = json.loads((graded["root"] / "autograder" / "reports" / "items.json").read_text())[NAME]
+    first = graded["items"]["json"][NAME]
+    assert after["students"] == first["students"] and sorted(after["scores"]) == sorted(first["scores"]), \
+        "a run that re-grades five students still analyses the whole class, read from the gradebook"
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def a_class():
             if (k + j) % 3 == 0:
                 failures[grade_id] = "ValueError: raised by your code"
         score = sum(v for gid, v in points.items() if gid not in failures)
-        rows.append(("01_memory_math", f"student{k}", score, sum(points.values()), executed(failures)))
+        rows.append(("01_memory_math", f"student{k}", score, sum(points.values()), items.verdicts(executed(failures))))
     return rows, points
 
 
