@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py                 # notebooks and nbgrader's own autograde of 04
     .venv/bin/python benchmarks/run.py --grading       # also the grading command (complete student, a class)
     .venv/bin/python benchmarks/run.py --only-grading
+    .venv/bin/python benchmarks/run.py --gradebook     # also a class on a LocalCluster, SQLite vs PostgreSQL
     .venv/bin/python benchmarks/run.py --lab           # also LoRA vs QLoRA through the GPU lab's command
     .venv/bin/python benchmarks/run.py --suite         # also the test suite's quick tier and whole run
     .venv/bin/python benchmarks/run.py --install       # also a fresh `scripts/setup.sh` (minutes)
@@ -18,6 +19,7 @@ is timed separately. Run on an otherwise idle machine: other work on the cores s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -107,8 +109,9 @@ def timed(cmd, **kwargs) -> float:
     return time.perf_counter() - start
 
 
-def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = (), report: dict | None = None) -> float:
-    root = tmp / f"grade-root-{inbox.name}-{workers}{'-'.join(extra).replace(':', '')}"
+def _grade(tmp: Path, env: dict, inbox: Path, workers: int, extra: tuple = (), report: dict | None = None,
+           label: str = "") -> float:
+    root = tmp / f"grade-root-{inbox.name}-{workers}{label or '-'.join(extra).replace(':', '')}"
     shutil.copytree(ROOT / "solutions", root / "solutions")
     (root / "autograder").mkdir()
     genv = {**env, "PEFTLAB_COURSE_ROOT": str(root)}
@@ -210,6 +213,41 @@ def grading_rows(tmp: Path, env: dict, rows: list) -> list:
     return rows
 
 
+def gradebook_rows(tmp: Path, env: dict, rows: list, students: int = 4) -> None:
+    """A class of complete students on a LocalCluster of 2 workers, with the gradebook in SQLite (nbgrader
+    scores on this machine at the end) and on a throwaway PostgreSQL server (each grading process scores
+    what it judged): students a minute, and the seconds per notebook this machine spends on scoring,
+    or on gathering and exporting."""
+    from postgres import binaries, throwaway_server
+
+    klass = tmp / "inbox-gradebook"
+    for i in range(students):
+        for path in sorted((ROOT / "solutions").glob("*/*.ipynb")):
+            (klass / f"student{i}").mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, klass / f"student{i}" / path.name)
+    notebooks = len(list(klass.rglob("*.ipynb")))
+    kinds = [("SQLite", "score (nbgrader)", ())]
+    server = throwaway_server() if binaries() else None
+    with server or contextlib.nullcontext() as url:
+        if url:
+            kinds.append(("PostgreSQL", "gather and export", ("--gradebook", url)))
+        for name, here, extra in kinds:
+            report: dict = {}
+            seconds = _grade(tmp, env, klass, 2, ("--scheduler", "local:2", *extra), report=report, label=name)
+            phases = report.get("phases", {})
+            mine = phases.get(here, 0) + phases.get("gather (while executing)", 0)
+            points = sum(s.get("score") or 0 for s in report.get("submissions", []))
+            rows.append((f"grading command: {students} complete students ({notebooks} notebooks) on a LocalCluster of 2 "
+                         f"workers, the gradebook in {name}", f"{seconds:.1f} s ({students / seconds * 60:.2f} students/min, "
+                         f"{points:g} points)", "", ""))
+            rows.append((f"  this machine's time per notebook, gradebook in {name} ({here}"
+                         f"{', gather while executing' if 'gather (while executing)' in phases else ''}; "
+                         f"item analysis apart)", f"{mine / notebooks:.3f} s ({mine:.1f} s in all; item analysis "
+                         f"{phases.get('item analysis', 0):.1f} s)", "", ""))
+    if server is None:
+        rows.append(("grading with the gradebook on PostgreSQL", "not measured: PostgreSQL is not installed", "", ""))
+
+
 def lab_rows(tmp: Path, env: dict, rows: list) -> None:
     """The GPU lab's command at its CPU settings: LoRA vs QLoRA on SmolLM2, with the memory prediction
     against the measurement phase by phase (measured / predicted)."""
@@ -302,6 +340,9 @@ def main() -> None:
     parser.add_argument("--all", action="store_true", help="notebooks, grading, lab and suite (not --install)")
     parser.add_argument("--grading", action="store_true", help="also time the grading command (a few minutes)")
     parser.add_argument("--only-grading", action="store_true", help="time the grading command only")
+    parser.add_argument("--gradebook", action="store_true",
+                        help="also a class of 4 complete students on a LocalCluster, gradebook in SQLite and PostgreSQL")
+    parser.add_argument("--only-gradebook", action="store_true", help="that class only")
     parser.add_argument("--lab", action="store_true", help="also run the GPU lab's command at CPU settings")
     parser.add_argument("--only-lab", action="store_true", help="the GPU lab's command only")
     parser.add_argument("--suite", action="store_true", help="also time the test suite (quick tier, then whole)")
@@ -318,13 +359,15 @@ def main() -> None:
         (tmp / "home").mkdir()
         seconds = timed([PY, "-m", "peftlab.models"], env=env)
         rows.append(("SmolLM2 one-off conversion (first run only)", f"{seconds:.1f} s", "", budget(seconds, "conversion")))
-        only = args.only_grading or args.only_lab
+        only = args.only_grading or args.only_lab or args.only_gradebook
         if not only:
             notebook_rows(env, rows, wanted)
             if not args.no_plain_autograde and (not wanted or "04" in wanted):
                 plain_autograde_row(env, tmp, rows)
         if args.grading or args.all or args.only_grading:
             grading_rows(tmp, env, rows)
+        if args.gradebook or args.all or args.only_gradebook:
+            gradebook_rows(tmp, env, rows)
         if args.lab or args.all or args.only_lab:
             lab_rows(tmp, env, rows)
         if (args.suite or args.all) and not only:
