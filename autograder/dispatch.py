@@ -100,24 +100,25 @@ def _record(sub: Submission, job: Job, error: str | None) -> tuple[nbformat.Note
 
 
 def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str | None, progress: bool,
-            gradebook: str | None = None) -> tuple[dict, dict]:
+            gradebook: str | None = None, gather=None) -> dict:
     """Grade every job, ``workers`` at a time here or on the Dask cluster at ``scheduler``; with
     ``gradebook`` (a server's URL, for jobs that `Job.score_here`), the grading processes score them into
-    it too. Returns the judged notebook of each submission that ran (the others are marked failed, with
-    the reason), and the (autograded notebook, feedback) of each one its grading process scored."""
+    it too, and each one scored is handed to ``gather(submission, judged notebook, (autograded notebook,
+    feedback))`` as it comes back (`autograder.score.Gather`), not kept. Returns the judged notebook of
+    each other submission that ran (those that did not are marked failed, with the reason)."""
     convert_models_once()  # before any kernel starts: kernels see the model cache read-only
     by_folder = {job.folder: sub for job, sub in pairs}
-    executed, scored, lock = {}, {}, threading.Lock()
+    executed, lock = {}, threading.Lock()
     bar = _progress(len(pairs)) if progress else None
 
     def done(job: Job, error: str | None) -> None:
         sub = by_folder[job.folder]
         with lock:
             nb, files = _record(sub, job, error)
-            if nb is not None:
+            if files is not None and gather is not None:
+                gather(sub, nb, files)
+            elif nb is not None:
                 executed[sub] = nb
-            if files is not None:
-                scored[sub] = files
             shutil.rmtree(job.folder, ignore_errors=True)  # whatever the kernel left goes at once
             if bar is not None:
                 bar.update(1)
@@ -132,7 +133,7 @@ def execute(pairs: list[tuple[Job, Submission]], *, workers: int, scheduler: str
         Workers(workers, gradebook).run(jobs, done)
     if bar is not None:
         bar.close()
-    return executed, scored
+    return executed
 
 
 def _progress(total: int):

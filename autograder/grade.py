@@ -117,10 +117,13 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
                      max_procs=max_procs, threads=threads, warm=warm, score_here=server)
         jobs = prepare.jobs(root, submissions, sources, work, limits)
         clock = run.phase("ingest and prepare", run.start)
-        executed, scored = dispatch.execute(jobs, workers=workers, scheduler=scheduler, progress=progress,
-                                            gradebook=url if server else None)
+        gather = score.Gather(root)  # with a server: the files of each notebook scored where it was judged
+        executed = dispatch.execute(jobs, workers=workers, scheduler=scheduler, progress=progress,
+                                    gradebook=url if server else None, gather=gather)
         clock = run.phase("execute" + (" and score" if server else ""), clock)
-        run.notes += score.score(root, submissions, executed, scored, releases, work, url)
+        if server:
+            run.phases["gather (while executing)"] = gather.seconds
+        run.notes += score.score(root, submissions, executed, gather.done, releases, work, url)
         clock = run.phase("gather and export" if server else "score (nbgrader)", clock)
         note = report.item_analysis(root, url, assignments(root))
         run.notes += [note] if note else []

@@ -112,6 +112,20 @@ def _write(root: Path, sub: Submission, nb, scored: tuple[str, str] | None) -> N
             path.write_text(text)
 
 
+class Gather:
+    """Writes each submission a grading process scored as it comes back (`dispatch.execute`'s
+    ``gather``), and counts the time this machine spends on it."""
+
+    def __init__(self, root: Path):
+        self.root, self.done, self.seconds = Path(root), set(), 0.0
+
+    def __call__(self, sub: Submission, nb, files: tuple[str, str]) -> None:
+        start = time.monotonic()
+        _write(self.root, sub, nb, files)
+        self.done.add(sub)
+        self.seconds += time.monotonic() - start
+
+
 def _backup(root: Path, url: str) -> None:
     source = root / "autograder" / "gradebook.db"
     if not gradebook.is_server(url) and source.exists():
@@ -120,19 +134,17 @@ def _backup(root: Path, url: str) -> None:
         shutil.copy2(source, backups / f"gradebook-{time.strftime('%Y%m%d-%H%M%S')}.db")
 
 
-def score(root: Path, submissions: list[Submission], executed: dict, scored: dict, releases: dict, work: Path,
+def score(root: Path, submissions: list[Submission], executed: dict, gathered: set, releases: dict, work: Path,
           url: str) -> list[str]:
     """Score every submission and set its score and status; notes on what nbgrader reported.
-    ``executed``: the judged notebooks; ``scored``: those a grading process already scored, with the
-    autograded notebook and feedback it wrote (their scores are set); a failed submission's stand-in
-    is made from ``releases``. ``url``: the gradebook."""
+    ``executed``: the judged notebooks to score here; ``gathered``: the submissions a grading process
+    scored (their files written and scores set already, `Gather`); a failed submission's stand-in is
+    made from ``releases``. ``url``: the gradebook."""
     _backup(root, url)
-    todo = []
-    for sub in submissions:
+    todo = [sub for sub in submissions if sub not in gathered]
+    for sub in todo:
         nb = stand_in(releases[sub.assignment], sub.reason) if sub.status == "failed" else executed[sub]
-        _write(root, sub, nb, scored.get(sub))
-        if sub not in scored:
-            todo.append(sub)
+        _write(root, sub, nb, None)
     notes = []
     for step in nbgrader_batch(root, _plan(root, todo), work):  # one nbgrader process for the whole run
         if step["returncode"] != 0:
