@@ -235,7 +235,7 @@ def gradebook_rows(tmp: Path, env: dict, rows: list, students: int = 4) -> None:
             report: dict = {}
             seconds = _grade(tmp, env, klass, 2, ("--scheduler", "local:2", *extra), report=report, label=name)
             phases = report.get("phases", {})
-            mine = phases.get(here, 0) + phases.get("gather (while executing)", 0)
+            mine = phases.get("gather (while executing)", phases.get(here, 0))  # what grows with each notebook
             workers = 2 * sum(v for k, v in phases.items() if k.startswith("execute")) / notebooks
             points = sum(s.get("score") or 0 for s in report.get("submissions", []))
             rows.append((f"grading command: {students} complete students ({notebooks} notebooks) on a LocalCluster of 2 "
@@ -243,14 +243,70 @@ def gradebook_rows(tmp: Path, env: dict, rows: list, students: int = 4) -> None:
                          f"{points:g} points)", "", ""))
             rows.append((f"  where its time went, gradebook in {name}",
                          ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()), "", ""))
+            mine_is = "gathering, while the workers run" if name == "PostgreSQL" else f"{here}, after the last notebook"
             rows.append((f"  per notebook, gradebook in {name}: worker time (2 x the execute phase), this machine's "
-                         f"time ({here}{', gather while executing' if 'gather (while executing)' in phases else ''})",
-                         f"{workers:.2f} s, {mine / notebooks:.3f} s", "", ""))
+                         f"time ({mine_is})", f"{workers:.2f} s, {mine / notebooks:.3f} s", "", ""))
             rows.append((f"  2,000 students x 8 notebooks on 100 workers at these rates, gradebook in {name}",
                          f"workers {16000 * workers / 100 / 60:.0f} min; this machine {16000 * mine / notebooks / 60:.0f} min "
-                         f"({'after the last notebook' if name == 'SQLite' else 'mostly while the workers run'})", "", ""))
+                         f"({mine_is}{'; the export and item analysis: next row' if name == 'PostgreSQL' else ''})", "", ""))
+        if url:
+            scale_rows(tmp / f"grade-root-{klass.name}-2PostgreSQL", url, rows, copies=2000 // students)
     if server is None:
         rows.append(("grading with the gradebook on PostgreSQL", "not measured: PostgreSQL is not installed", "", ""))
+
+
+_CLONE = [  # every submission again as (student)-cK, K = 1 .. :copies - 1, with ids derived from the originals'
+    "insert into student (id) select s.id || '-c' || k from student s, generate_series(1, :copies - 1) k",
+    "insert into submitted_assignment (id, assignment_id, student_id, timestamp, extension) select md5(a.id || ':' || k), "
+    "a.assignment_id, a.student_id || '-c' || k, a.timestamp, a.extension from submitted_assignment a, generate_series(1, :copies - 1) k",
+    "insert into submitted_notebook (id, assignment_id, notebook_id, flagged, late_submission_penalty) select md5(n.id || ':' || k), "
+    "md5(n.assignment_id || ':' || k), n.notebook_id, n.flagged, n.late_submission_penalty from submitted_notebook n, "
+    "generate_series(1, :copies - 1) k",
+    "insert into grade (id, notebook_id, cell_id, auto_score, manual_score, extra_credit, needs_manual_grade) select "
+    "md5(g.id || ':' || k), md5(g.notebook_id || ':' || k), g.cell_id, g.auto_score, g.manual_score, g.extra_credit, "
+    "g.needs_manual_grade from grade g, generate_series(1, :copies - 1) k",
+    "insert into comment (id, notebook_id, cell_id, auto_comment, manual_comment) select md5(c.id || ':' || k), "
+    "md5(c.notebook_id || ':' || k), c.cell_id, c.auto_comment, c.manual_comment from comment c, generate_series(1, :copies - 1) k",
+]
+
+
+def scale_rows(root: Path, url: str, rows: list, copies: int) -> None:
+    """The parts of a run that grow with the whole class, at MOOC size: the graded class copied in the
+    PostgreSQL gradebook ``copies`` times (SQL, no grading), then nbgrader's export and the item analysis
+    timed over all of it."""
+    from sqlalchemy import create_engine, text
+
+    sys.path.insert(0, str(ROOT))
+    from autograder import gradebook, report
+    from autograder.grade import assignments
+    from autograder.release import nbgrader_batch
+
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for statement in _CLONE:
+            connection.execute(text(statement), {"copies": copies})
+        students = connection.execute(text("select count(*) from student")).scalar()
+        submissions = connection.execute(text("select count(*) from submitted_notebook")).scalar()
+    engine.dispose()
+    saved = os.environ.get(gradebook.ENV)
+    os.environ[gradebook.ENV] = url
+    try:
+        with tempfile.TemporaryDirectory() as work:
+            start = time.perf_counter()
+            steps = nbgrader_batch(root, [["export", "--to", str(Path(work) / "grades.csv")]], Path(work))
+            export = time.perf_counter() - start
+            lines = len((Path(work) / "grades.csv").read_text().splitlines()) - 1 if steps[0]["returncode"] == 0 else 0
+        start = time.perf_counter()
+        note = report.item_analysis(root, url, assignments(root))
+        items = time.perf_counter() - start
+    finally:
+        if saved is None:
+            os.environ.pop(gradebook.ENV, None)
+        else:
+            os.environ[gradebook.ENV] = saved
+    rows.append((f"the gradebook at {students:,} students ({submissions:,} graded notebooks, copied in SQL): nbgrader's export, "
+                 f"the item analysis (every row of the gradebook; messages from the autograded notebooks on this machine)",
+                 f"{export:.1f} s ({lines:,} rows), {items:.1f} s{' (' + note + ')' if note else ''}", "", ""))
 
 
 def lab_rows(tmp: Path, env: dict, rows: list) -> None:
