@@ -109,7 +109,8 @@ def grade(inputs: Path, *, workers: int = 2, only: list[str] | None = None, cell
         use_sandbox = use_sandbox and sandbox.available()
         if not use_sandbox:
             run.notes.append("SANDBOX OFF: student code can use the network and read any file this user can "
-                             "(solutions, gradebook); only time and memory limits apply")
+                             "(solutions, gradebook; a gradebook server it could reach); only time and memory "
+                             "limits apply")
         threads, busy = dispatch.kernel_threads(workers)
         run.notes += [busy] if busy else []
         limits = Job("", "", "", "", cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
