@@ -18,8 +18,11 @@ read from the file or folder name, or, failing that, from the notebook's content
    (`autograder.execute`, `kernel`, `sandbox`, `zygote`) and judges every test outside its reach
    (`autograder.judge`); the kernel only runs the tests' ``@observe`` calls and reports plain data;
 4. `autograder.score` lets nbgrader score the judged notebooks (without running them again), write
-   feedback that hides hidden tests, and export grades as CSV, in one nbgrader process;
-5. `autograder.report` writes the report and the item analysis (`autograder.items`).
+   feedback that hides hidden tests, and export grades as CSV, in one nbgrader process; with the
+   gradebook on a server (`autograder.gradebook`, ``--gradebook``), each grading process of stage 3
+   has already scored its notebooks into it, and this stage only gathers and exports;
+5. `autograder.report` writes the report and the item analysis of the whole class in the gradebook
+   (`autograder.items`).
 
 Reading never stops the run: every file of the input appears in the report, graded, failed (with the
 reason) or skipped (with the reason). Every distinct student name gets its own id.
