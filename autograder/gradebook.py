@@ -8,7 +8,7 @@ many machines it is a PostgreSQL server, which many grading processes write to a
 (or pass ``--gradebook URL`` to `autograder.grade`). `nbgrader_config.py` reads the same variable, so
 every nbgrader command (formgrader, export) sees the same gradebook. With a server, each grading
 process scores the notebooks it judged (`autograder.score.score_here`), and the instructor's machine
-only gathers; docs/grading.md says how to start a server.
+only gathers; docs/instructor.md says how to start a server.
 
 Writers that could collide are kept apart here: preparing the gradebook (tables, the course,
 nbgrader's generate_assignment) runs under a PostgreSQL advisory lock, so two grading runs started at
